@@ -1,0 +1,92 @@
+"""Quantize / dequantize with a QuantSpec, and the format-neutral QuantizedWeight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.core.formats import FP8_DTYPES, codebook, nearest_code
+from lowbit.core.groups import as_2d, expand_params
+from lowbit.core.qparams import choose_qparams
+from lowbit.spec import QuantSpec
+
+
+def _codes_dtype(spec: QuantSpec) -> torch.dtype:
+    if spec.dtype != "int":
+        return torch.uint8
+    return torch.int8 if spec.symmetric else torch.uint8
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
+                   g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes of x [rows, cols] for given scale/zero [rows|1, n_groups].
+
+    int: signed codes in [qmin, qmax] when symmetric, unsigned when asymmetric.
+    nf4/fp4: index into the codebook; fp8: the float8 bit pattern as uint8.
+    """
+    x2 = as_2d(x).float()
+    s = expand_params(scale.float(), x2.shape, spec, g_idx)
+    if spec.dtype == "int":
+        q = torch.round(x2 / s)
+        if zero is not None:
+            q = q + expand_params(zero.float(), x2.shape, spec, g_idx)
+        return q.clamp(spec.qmin, spec.qmax).to(_codes_dtype(spec))
+    if spec.is_codebook:
+        return nearest_code(x2 / s, codebook(spec.dtype))
+    fp8 = FP8_DTYPES[spec.dtype]
+    top = torch.finfo(fp8).max
+    return (x2 / s).clamp(-top, top).to(fp8).view(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
+               g_idx: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    shape = tuple(codes.shape)
+    s = expand_params(scale.float(), shape, spec, g_idx)
+    if spec.dtype == "int":
+        q = codes.float()
+        if zero is not None:
+            q = q - expand_params(zero.float(), shape, spec, g_idx)
+        return (q * s).to(dtype)
+    if spec.is_codebook:
+        return (codebook(spec.dtype)[codes.long()] * s).to(dtype)
+    return (codes.view(FP8_DTYPES[spec.dtype]).float() * s).to(dtype)
+
+
+@dataclass
+class QuantizedWeight:
+    """Unpacked codes + scale/zero of one 2-D weight. Packing happens in nn/ and export/."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: QuantSpec
+    g_idx: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero, self.spec, self.g_idx, dtype)
+
+    def bits_per_weight(self, scale_bits: int = 16) -> float:
+        """Code bits plus the scale and zero storage (at `scale_bits` each), per weight."""
+        n = self.codes.numel()
+        side = self.scale.numel() * scale_bits
+        if self.zero is not None:
+            side += self.zero.numel() * (self.spec.bits if _integral(self.zero) else scale_bits)
+        return self.spec.bits + side / n
+
+
+def _integral(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t, torch.round(t)))
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.0) -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D tensor with min-max parameters."""
+    x2 = as_2d(x)
+    if not torch.isfinite(x2).all():
+        raise ValueError("tensor holds NaN or Inf; cannot quantize it")
+    scale, zero = choose_qparams(x2, spec, shrink)
+    return QuantizedWeight(quantize_codes(x2, scale, zero, spec), scale, zero, spec)

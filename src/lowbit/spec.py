@@ -1,0 +1,114 @@
+"""QuantSpec: the numerics of one quantized tensor, shared by PTQ, QAT, observers and export."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lowbit.errors import LowbitError
+
+DTYPES = ("int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2")
+GRANULARITIES = ("tensor", "channel", "group", "token")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize a 2-D tensor [rows, cols] (a Linear weight is [out_features, in_features]).
+
+    granularity: "tensor" (one scale), "channel" (one per row), "token" (one per row of an
+    activation, same arithmetic as "channel"), "group" (one per row per `group_size` columns).
+    Codebook dtypes (nf4, fp4) are symmetric absmax-scaled; fp8 uses torch's float8 dtypes.
+    """
+
+    bits: int = 4
+    dtype: str = "int"
+    symmetric: bool = True
+    granularity: str = "group"
+    group_size: int | None = 64
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise LowbitError(f"QuantSpec.dtype={self.dtype!r} is unknown; choose one of {DTYPES}")
+        if self.granularity not in GRANULARITIES:
+            raise LowbitError(
+                f"QuantSpec.granularity={self.granularity!r} is unknown; choose one of {GRANULARITIES}"
+            )
+        if self.dtype == "int" and not (2 <= int(self.bits) <= 8):
+            raise LowbitError(f"bits={self.bits} is outside 2..8; lowbit's integer formats take 2 to 8 bits")
+        if self.dtype in ("nf4", "fp4") and self.bits != 4:
+            raise LowbitError(f"dtype={self.dtype} is a 4-bit codebook; got bits={self.bits}")
+        if self.dtype.startswith("fp8") and self.bits != 8:
+            raise LowbitError(f"dtype={self.dtype} is 8-bit; got bits={self.bits}")
+        if self.dtype != "int" and not self.symmetric:
+            raise LowbitError(f"dtype={self.dtype} is symmetric only; drop --asym")
+        if self.granularity == "group":
+            if self.group_size is None or self.group_size < 1:
+                raise LowbitError(f"group_size={self.group_size} must be a positive integer for granularity='group'")
+        elif self.group_size is not None:
+            object.__setattr__(self, "group_size", None)
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def is_codebook(self) -> bool:
+        return self.dtype in ("nf4", "fp4")
+
+    def groups(self, cols: int) -> int:
+        """Number of scale columns for a tensor with `cols` columns."""
+        if self.granularity == "group":
+            return cols // self.group_size
+        return 1
+
+    def check_shape(self, rows: int, cols: int, name: str = "tensor") -> None:
+        if self.granularity == "group" and cols % self.group_size:
+            divisors = [g for g in (32, 64, 128, 256) if cols % g == 0]
+            raise LowbitError(
+                f"group_size={self.group_size} does not divide the input dimension {cols} of {name}; "
+                f"group sizes that divide it: {divisors or 'none of 32/64/128/256'}"
+            )
+
+    def describe(self) -> str:
+        if self.dtype != "int":
+            base = self.dtype.upper()
+        else:
+            base = f"int{self.bits} {'sym' if self.symmetric else 'asym'}"
+        if self.granularity == "group":
+            return f"{base} g{self.group_size}"
+        return f"{base} per-{self.granularity}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        return cls(**{k: d[k] for k in ("bits", "dtype", "symmetric", "granularity", "group_size") if k in d})
+
+
+PRESETS: dict[str, QuantSpec] = {
+    "W8": QuantSpec(bits=8, symmetric=True, granularity="channel"),
+    "W8G128": QuantSpec(bits=8, symmetric=True, granularity="group", group_size=128),
+    "W4": QuantSpec(bits=4, symmetric=True, granularity="channel"),
+    "W4G32": QuantSpec(bits=4, symmetric=True, granularity="group", group_size=32),
+    "W4G64": QuantSpec(bits=4, symmetric=True, granularity="group", group_size=64),
+    "W4G128": QuantSpec(bits=4, symmetric=True, granularity="group", group_size=128),
+    "W4G64A": QuantSpec(bits=4, symmetric=False, granularity="group", group_size=64),
+    "W3G64": QuantSpec(bits=3, symmetric=False, granularity="group", group_size=64),
+    "W2G64": QuantSpec(bits=2, symmetric=False, granularity="group", group_size=64),
+    "NF4": QuantSpec(bits=4, dtype="nf4", granularity="group", group_size=64),
+    "FP4": QuantSpec(bits=4, dtype="fp4", granularity="group", group_size=32),
+    "FP8": QuantSpec(bits=8, dtype="fp8_e4m3", granularity="channel"),
+    "FP8_E5M2": QuantSpec(bits=8, dtype="fp8_e5m2", granularity="channel"),
+    "A8": QuantSpec(bits=8, symmetric=True, granularity="token"),
+}
+
+
+def preset(name: str) -> QuantSpec:
+    try:
+        return PRESETS[name.upper()]
+    except KeyError:
+        raise LowbitError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
