@@ -1,0 +1,1 @@
+"""Reading and writing models: atomic writes, lowbit's own checkpoint format."""
