@@ -1,0 +1,1 @@
+"""Weight quantization algorithms: pure functions (W, spec, stats) -> QuantizedWeight."""
