@@ -1,0 +1,145 @@
+"""``QuantizedKVCache``: a transformers ``Cache`` whose layers store TurboQuant / PolarQuant / QJL / KIVI codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+from .cache_layer import QuantizedKVLayer, QuantizedSlidingKVLayer
+from .methods import METHODS, make_kv_quantizers
+
+__all__ = ["QuantizedKVCache", "SUPPORTED_LAYER_TYPES"]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class QuantizedKVCache(Cache):
+    """A KV cache that keeps keys and values as packed low-bit codes.
+
+    Use it like ``DynamicCache``::
+
+        cache = QuantizedKVCache(method="turboquant", bits=3.5, config=model.config)
+        model.generate(**inputs, past_key_values=cache)
+
+    Args:
+        method: one of ``METHODS`` (turboquant, turboquant-prod, polarquant, qjl, kivi).
+        bits: code bits per coordinate (fractional allowed, e.g. 2.5 via an outlier-channel split).
+        config: the model config.  Needed to check the attention type and to keep last layers; without
+            it every layer is treated as full attention.
+        window: newest tokens kept in full precision (0 = quantize everything on arrival).
+        keep_first, keep_last: number of first / last decoder layers left unquantized.
+        seed: base seed of the random rotations (each layer gets its own).
+        group_size: KIVI group size (tokens for keys, channels for values).
+        calibrate_outliers: for fractional bits, pick the high-bit channels from the first tokens seen.
+    """
+
+    def __init__(
+        self,
+        method: str = "turboquant",
+        bits: float = 3.0,
+        config=None,
+        *,
+        window: int = 0,
+        keep_first: int = 0,
+        keep_last: int = 0,
+        seed: int = 0,
+        group_size: int = 32,
+        calibrate_outliers: bool = True,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"QuantizedKVCache: unknown method={method!r}; choose one of {sorted(METHODS)}")
+        for name, val in (("window", window), ("keep_first", keep_first), ("keep_last", keep_last)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"QuantizedKVCache: {name} must be a non-negative integer, got {name}={val!r}")
+        # fail now, not at the first forward, on bits the method cannot serve
+        make_kv_quantizers(method, 64, 64, bits, seed, group_size)
+        self.method, self.bits, self.window, self.seed, self.group_size = method, float(bits), window, seed, group_size
+        self.keep_first, self.keep_last, self.calibrate_outliers = keep_first, keep_last, calibrate_outliers
+        self.num_layers = None
+        layers = []
+        if config is not None:
+            layer_types, per_layer_kwargs = self._check_config(config)
+            self.num_layers = len(layer_types)
+            layers = [self._make_layer(i, t, kw) for i, (t, kw) in enumerate(zip(layer_types, per_layer_kwargs))]
+        elif keep_last:
+            raise ValueError("QuantizedKVCache: keep_last needs config= (the number of layers)")
+        super().__init__(layers=layers)
+
+    # -- construction ----------------------------------------------------------------------------
+    @staticmethod
+    def _check_config(config):
+        text = config.get_text_config(decoder=True)
+        model_type = getattr(config, "model_type", type(config).__name__)
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"QuantizedKVCache does not support encoder-decoder models (model_type={model_type!r}); "
+                "it only serves decoder-only attention models such as Llama, Qwen, Mistral or Gemma 3"
+            )
+        if getattr(text, "num_hidden_layers", None) is None:
+            raise ValueError(f"QuantizedKVCache: config of model_type={model_type!r} has no num_hidden_layers")
+        layer_types, kwargs = get_layer_types_and_kwargs(text)
+        bad = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+        if bad:
+            raise ValueError(
+                f"QuantizedKVCache does not support the attention of model_type={model_type!r}: layer types {bad} "
+                f"(supported: {list(SUPPORTED_LAYER_TYPES)}). Use transformers' DynamicCache for this model."
+            )
+        if getattr(text, "kv_lora_rank", None) or getattr(text, "q_lora_rank", None):
+            raise ValueError(
+                f"QuantizedKVCache does not support multi-head latent attention (model_type={model_type!r})"
+            )
+        return layer_types, kwargs
+
+    def _is_kept(self, idx: int) -> bool:
+        if idx < self.keep_first:
+            return True
+        return self.num_layers is not None and idx >= self.num_layers - self.keep_last
+
+    def _make_layer(self, idx: int, layer_type: str = "full_attention", kwargs: dict | None = None):
+        kwargs = kwargs or {}
+        if self._is_kept(idx):
+            if layer_type == "sliding_attention":
+                return DynamicSlidingWindowLayer(**kwargs)
+            return DynamicLayer()
+        make = functools.partial(self._quantizers_for, idx)
+        if layer_type == "sliding_attention":
+            return QuantizedSlidingKVLayer(make, kwargs["sliding_window"], self.window, self.calibrate_outliers)
+        return QuantizedKVLayer(make, self.window, self.calibrate_outliers)
+
+    def _quantizers_for(self, idx: int, key_dim: int, value_dim: int):
+        return make_kv_quantizers(self.method, key_dim, value_dim, self.bits, self.seed + 1000 * idx, self.group_size)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:  # no config: layers appear as the model calls them
+            self.layers.append(self._make_layer(len(self.layers)))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    # -- reporting -------------------------------------------------------------------------------
+    @property
+    def quantized_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, QuantizedKVLayer)]
+
+    def memory_report(self) -> dict:
+        """Cache size against an fp16 cache of the same tokens (full-precision parts counted at 16 bits)."""
+        total = fp16 = coords = 0
+        for layer in self.layers:
+            if isinstance(layer, QuantizedKVLayer):
+                s = layer.storage()
+                total, fp16, coords = total + s["bytes"], fp16 + s["fp16_bytes"], coords + s["coords"]
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                n = layer.keys.numel() + layer.values.numel()
+                total, fp16, coords = total + 2 * n, fp16 + 2 * n, coords + n
+        return {
+            "kv_bytes": total,
+            "fp16_bytes": fp16,
+            "kv_bits_per_coordinate": 8.0 * total / coords if coords else float("nan"),
+            "kv_memory_ratio": fp16 / total if total else float("nan"),
+        }
+
+    def __repr__(self) -> str:
+        return (f"QuantizedKVCache(method={self.method!r}, bits={self.bits:g}, window={self.window}, "
+                f"layers={len(self.layers)}, quantized={len(self.quantized_layers)})")

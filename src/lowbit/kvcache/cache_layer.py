@@ -1,0 +1,167 @@
+"""One decoder layer of the quantized KV cache (a transformers ``DynamicLayer``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .packed import Packed
+
+__all__ = ["QuantizedKVLayer", "QuantizedSlidingKVLayer"]
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """Keys/values are quantized as they arrive; the newest ``window`` tokens stay in full precision.
+
+    ``self.keys`` / ``self.values`` hold the full-precision tail (window plus tokens waiting for a
+    complete KIVI group); everything older lives only as :class:`Packed` bytes.  Every ``update``
+    returns ``dequantize(packed) ++ tail`` — attention always reads the quantized cache, also during
+    prefill, so a single forward pass measures what decoding would see.
+    """
+
+    is_croppable = False
+
+    def __init__(self, make_quantizers, window: int = 0, calibrate_outliers: bool = True):
+        super().__init__()
+        if not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be a non-negative integer, got window={window!r}")
+        self._make_quantizers = make_quantizers
+        self.window = window
+        self.calibrate_outliers = calibrate_outliers
+        self.cumulative_length = 0
+        self.key_quantizer = self.value_quantizer = None
+        self._pk: Packed | None = None
+        self._pv: Packed | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        if self.key_quantizer is None:
+            self.key_quantizer, self.value_quantizer = self._make_quantizers(key_states.shape[-1], value_states.shape[-1])
+        kb, vb = self.key_quantizer.token_block, self.value_quantizer.token_block
+        self.block = kb * vb // math.gcd(kb, vb)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    @property
+    def quantized_length(self) -> int:
+        return 0 if self._pk is None else self._pk.shape[-2]
+
+    def reset(self) -> None:
+        super().reset()
+        self._pk = self._pv = None
+
+    # -- the hot path ----------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._flush()
+        return self._read()
+
+    def _flush(self) -> None:
+        n_move = self.keys.shape[-2] - self.window
+        n_move -= n_move % self.block
+        if n_move <= 0:
+            return
+        k, v = self.keys[..., :n_move, :], self.values[..., :n_move, :]
+        if self._pk is None and self.calibrate_outliers:
+            # fractional bits: the first tokens decide which channels get the extra bit
+            if hasattr(self.key_quantizer, "with_outliers_from"):
+                self.key_quantizer = self.key_quantizer.with_outliers_from(k)
+            if hasattr(self.value_quantizer, "with_outliers_from"):
+                self.value_quantizer = self.value_quantizer.with_outliers_from(v)
+        pk, pv = self.key_quantizer.quantize(k), self.value_quantizer.quantize(v)
+        self._pk = pk if self._pk is None else self._pk.cat(pk)
+        self._pv = pv if self._pv is None else self._pv.cat(pv)
+        self.keys, self.values = self.keys[..., n_move:, :], self.values[..., n_move:, :]
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pk is None:
+            return self.keys, self.values
+        dk = self.key_quantizer.dequantize(self._pk).to(self.dtype)
+        dv = self.value_quantizer.dequantize(self._pv).to(self.dtype)
+        return torch.cat([dk, self.keys], dim=-2), torch.cat([dv, self.values], dim=-2)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def storage(self) -> dict:
+        """Bytes held (packed + full-precision tail counted at 16 bits) and the fp16 equivalent."""
+        packed = 0 if self._pk is None else self._pk.nbytes + self._pv.nbytes
+        tail = 2 * (self.keys.numel() + self.values.numel()) if self.is_initialized else 0
+        coords = (self._pk.numel + self._pv.numel if self._pk is not None else 0) + tail // 2
+        return {"bytes": packed + tail, "fp16_bytes": 2 * coords, "coords": coords}
+
+    def _map_batch(self, fn) -> None:
+        if self._pk is not None:
+            self._pk, self._pv = self._pk.index_select(0, fn), self._pv.index_select(0, fn)
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, fn.to(self.keys.device))
+            self.values = self.values.index_select(0, fn.to(self.values.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if indices.dtype == torch.bool:
+            indices = torch.nonzero(indices).flatten()
+        self._map_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            b = self.keys.shape[0]
+            self._map_batch(torch.arange(b, device=self.keys.device).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop expects a negative number of tokens to remove, as DynamicLayer.crop")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        tail = self.keys.shape[-2]
+        if n > tail:
+            cut = n - tail
+            if cut % self.block:
+                raise ValueError(f"cannot crop {n} tokens: the quantized part is stored in groups of {self.block}")
+            self._pk, self._pv = self._pk.drop_back(cut), self._pv.drop_back(cut)
+            n = tail
+        self.keys, self.values = self.keys[..., : tail - n, :], self.values[..., : tail - n, :]
+        self.cumulative_length -= -tokens_to_remove
+
+
+class QuantizedSlidingKVLayer(QuantizedKVLayer):
+    """Sliding-window attention layer (Gemma 3 local layers): also forgets tokens out of the window."""
+
+    is_sliding = True
+
+    def __init__(self, make_quantizers, sliding_window: int, window: int = 0, calibrate_outliers: bool = True):
+        super().__init__(make_quantizers, window, calibrate_outliers)
+        self.sliding_window = sliding_window
+        self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        visible = self.sliding_window - 1 + key_states.shape[-2]
+        # forget whole packed blocks that no future query can see
+        keep = self.sliding_window - 1
+        excess = self.quantized_length + self.keys.shape[-2] - keep
+        excess = min(excess, self.quantized_length)
+        excess -= excess % self.block
+        if excess > 0:
+            self._pk, self._pv = self._pk.drop_front(excess), self._pv.drop_front(excess)
+        return keys[..., -visible:, :], values[..., -visible:, :]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        if self.cumulative_length >= self.sliding_window:
+            return self.sliding_window - 1 + query_length, kv_offset
+        return self.cumulative_length + query_length, kv_offset
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
