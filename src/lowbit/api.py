@@ -1,0 +1,44 @@
+"""The Python API under the CLI: quantize a model end to end and save it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lowbit.algorithms.registry import get_method
+from lowbit.calibration import calibration_batches, load_text
+from lowbit.errors import LowbitError
+from lowbit.io.atomic import check_output_dir
+from lowbit.io.checkpoint import save_checkpoint
+from lowbit.models import load_model
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe
+from lowbit.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+def make_spec(bits: int, group_size: int | None, symmetric: bool, dtype: str = "int") -> QuantSpec:
+    if not 2 <= bits <= 8:
+        raise LowbitError(f"--bits {bits} is outside 2..8")
+    if group_size is None or group_size <= 0:
+        return QuantSpec(bits=bits, dtype=dtype, symmetric=symmetric, granularity="channel")
+    return QuantSpec(bits=bits, dtype=dtype, symmetric=symmetric, granularity="group", group_size=group_size)
+
+
+def quantize(model_source: str, out: str | Path | None, recipe: Recipe, *, calib_text: str = "pydoc",
+             n_samples: int = 64, seq_len: int = 512, overwrite: bool = False, progress: bool = True):
+    """Load, quantize per recipe, save atomically to `out` (if given); returns (model, tokenizer)."""
+    if out is not None:
+        check_output_dir(out, overwrite)  # refuse before any work
+    method = get_method(recipe.method, **recipe.options)
+    model, tokenizer = load_model(model_source)
+    calib = None
+    if method.needs_calibration:
+        split = load_text(calib_text)
+        calib = calibration_batches(tokenizer, split.calibration, n_samples, seq_len)
+    quantize_model(model, recipe, method, calib, progress=progress)
+    if out is not None:
+        save_checkpoint(model, tokenizer, out, method=recipe.method, source=str(model_source),
+                        overwrite=overwrite, extra={"calibration": calib_text if calib is not None else None})
+    return model, tokenizer

@@ -1,0 +1,63 @@
+"""`lowbit quantize` and `lowbit eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def quantize(
+        model: str = typer.Argument(..., help="model folder, .gguf file, hub name, or 'default'"),
+        out: Path = typer.Option(..., "-o", "--out", help="output folder"),
+        method: str = typer.Option("rtn", help="rtn | hqq | gptq | awq | awq+gptq"),
+        bits: int = typer.Option(4, help="2..8"),
+        group_size: int = typer.Option(64, help="group size along the input dimension; 0 = per channel"),
+        sym: bool = typer.Option(True, "--sym/--asym", help="symmetric or asymmetric integers"),
+        dtype: str = typer.Option("int", help="int | nf4 | fp4 | fp8_e4m3 | fp8_e5m2"),
+        recipe: Optional[Path] = typer.Option(None, help="YAML recipe (overrides --method/--bits/...)"),
+        quantize_head: bool = typer.Option(False, "--quantize-head", help="also quantize lm_head"),
+        ignore: list[str] = typer.Option([], help="regex of module names to keep in full precision"),
+        calib: str = typer.Option("pydoc", help="calibration text: pydoc, a file/folder, or a dataset name"),
+        samples: int = typer.Option(64, help="calibration samples"),
+        seq_len: int = typer.Option(512, help="calibration sample length in tokens"),
+        overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+    ):
+        """Quantize MODEL and save it in lowbit's format."""
+        from lowbit import api
+        from lowbit.recipe import Recipe, load_recipe
+
+        if recipe is not None:
+            r = load_recipe(recipe)
+        else:
+            spec = api.make_spec(bits, group_size, sym, dtype)
+            r = Recipe(spec=spec, method=method, ignore=tuple(ignore), quantize_head=quantize_head)
+        api.quantize(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite)
+        typer.echo(f"saved {out}")
+
+    @app.command("eval")
+    def eval_(
+        original: str = typer.Argument(..., help="the original model (folder, .gguf or 'default')"),
+        quantized: str = typer.Argument(..., help="the quantized lowbit checkpoint"),
+        text: str = typer.Option("pydoc", help="evaluation text source (its held-out part is used)"),
+        seq_len: int = typer.Option(512),
+        windows: int = typer.Option(16, help="number of evaluation windows"),
+        speed: bool = typer.Option(True, "--speed/--no-speed", help="measure decode and prefill tokens/s"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    ):
+        """Compare QUANTIZED with ORIGINAL: perplexity, KL, top-1 agreement, size, bits, speed."""
+        from lowbit.eval.compare import compare_models, format_table
+        from lowbit.models import load_model
+        from lowbit.models.loader import default_model_dir
+
+        orig_model, tokenizer = load_model(original)
+        quant_model, _ = load_model(quantized)
+        orig_path = default_model_dir() if original == "default" else original
+        result = compare_models(orig_model, quant_model, tokenizer, original_path=orig_path,
+                                quantized_path=quantized, text=text, seq_len=seq_len, max_windows=windows,
+                                speed=speed, progress=not as_json)
+        typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))

@@ -1,0 +1,42 @@
+"""Perplexity of both models and KL divergence / top-1 agreement of the quantized one to the original."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Sums over positions predicting `targets`: NLL of both, KL(ref || q), top-1 matches."""
+    ref_lp = F.log_softmax(ref_logits, dim=-1)
+    lp = F.log_softmax(logits, dim=-1)
+    nll_ref = -ref_lp.gather(-1, targets[..., None]).sum().item()
+    nll = -lp.gather(-1, targets[..., None]).sum().item()
+    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).sum().item()
+    top1 = (ref_logits.argmax(-1) == logits.argmax(-1)).sum().item()
+    return {"nll_ref": nll_ref, "nll": nll, "kl": kl, "top1": top1, "n": targets.numel()}
+
+
+@torch.no_grad()
+def quality_pair(original, quantized, windows: torch.Tensor, progress: bool = True) -> tuple[dict, dict]:
+    """Metrics of the original and the quantized model over [n, seq] evaluation windows."""
+    tot = {"nll_ref": 0.0, "nll": 0.0, "kl": 0.0, "top1": 0, "n": 0}
+    for ids in tqdm(windows, desc="evaluating", disable=not progress, unit="window"):
+        ids = ids[None]
+        ref = _logits(original, ids)[:, :-1]
+        q = _logits(quantized, ids)[:, :-1]
+        s = token_stats(ref, q, ids[:, 1:])
+        for k in tot:
+            tot[k] += s[k]
+    n = tot["n"]
+    orig = {"perplexity": math.exp(tot["nll_ref"] / n), "kl": 0.0, "top1_agreement": 1.0, "eval_tokens": n}
+    quant = {"perplexity": math.exp(tot["nll"] / n), "kl": tot["kl"] / n, "top1_agreement": tot["top1"] / n,
+             "eval_tokens": n}
+    return orig, quant

@@ -1,0 +1,33 @@
+"""Batch-1 decode and prefill throughput (wall clock; for reports and benchmarks, never tests)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 2) -> float:
+    """Greedy generate() of exactly `new_tokens` tokens after a short prompt, batch 1."""
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(prompt_ids[:, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(prompt_ids, **kw)
+        times.append(time.perf_counter() - t0)
+    return new_tokens / min(times)
+
+
+@torch.no_grad()
+def prefill_tokens_per_s(model, ids: torch.Tensor, repeats: int = 3) -> float:
+    """One forward pass over a [1, seq] prompt."""
+    model(input_ids=ids, use_cache=False)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        times.append(time.perf_counter() - t0)
+    return ids.shape[1] / statistics.median(times)

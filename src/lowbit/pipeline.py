@@ -1,0 +1,123 @@
+"""The one orchestration loop: plan -> calibrate block by block -> quantize each Linear -> swap.
+
+Block i is calibrated on the outputs of the already-quantized block i-1; inside a block the
+Linears are quantized in the architecture's sequential groups, so each group sees inputs that
+already went through the quantized groups before it. Memory stays bounded by one block plus the
+calibration activations.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.calibration.capture import BlockInputs, capture_first_block_inputs, run_block
+from lowbit.core.quantize import QuantizedWeight
+from lowbit.errors import LowbitError
+from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
+from lowbit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def check_finite(model, names) -> None:
+    for name in names:
+        w = get_module(model, name).weight
+        if not torch.isfinite(w).all():
+            bad = (~torch.isfinite(w)).sum().item()
+            raise LowbitError(f"weight of {name} holds {bad} NaN/Inf values; fix the checkpoint before quantizing")
+
+
+def _quantize_one(method, name, linear, spec, stats) -> QuantizedWeight:
+    qw = method.quantize_linear(name, linear.weight.detach().float(), spec, stats)
+    # later groups and blocks must see this layer's quantized outputs
+    linear.weight.data.copy_(qw.dequantize(linear.weight.dtype))
+    return qw
+
+
+def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs: BlockInputs) -> dict:
+    qweights = {}
+    local_plan = {n: plan[f"{prefix}.{n}"] for n in arch.linears if f"{prefix}.{n}" in plan}
+    method.prepare_block(block, lambda: run_block(block, inputs), arch, local_plan)
+    for group in arch.sequential:
+        names = [n for n in group if n in local_plan]
+        if not names:
+            continue
+        stats, handles = {}, []
+        for n in names:
+            lin = get_module(block, n)
+            stats[n] = method.make_stats(f"{prefix}.{n}", lin)
+            if stats[n] is not None:
+                handles.append(lin.register_forward_hook(lambda _m, args, _o, s=stats[n]: s.add(args[0])))
+        if handles:
+            try:
+                run_block(block, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+        for n in names:
+            full = f"{prefix}.{n}"
+            qweights[full] = _quantize_one(method, full, get_module(block, n), local_plan[n], stats[n])
+    return qweights
+
+
+def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None = None,
+                   progress: bool = True, swap: bool = True) -> dict[str, QuantizedWeight]:
+    """Quantize `model` in place per `recipe` with `method`; returns {name: QuantizedWeight}.
+
+    With swap=True every quantized Linear is replaced by a packed QuantLinear.
+    """
+    arch = arch_for(model)
+    plan = recipe.plan(model, arch)
+    check_finite(model, plan)
+    if arch.head in plan:
+        untie_head(model, arch)
+    blocks = blocks_of(model, arch)
+    qweights: dict[str, QuantizedWeight] = {}
+    inputs = None
+    if method.needs_calibration:
+        if calib_ids is None or calib_ids.numel() == 0:
+            raise LowbitError(f"method {recipe.method!r} needs calibration text; none was given")
+        inputs = capture_first_block_inputs(model, arch, calib_ids)
+    bar = tqdm(range(len(blocks)), desc=f"{recipe.method} blocks", disable=not progress, unit="block")
+    for i in bar:
+        prefix = f"{arch.blocks}.{i}"
+        block = blocks[i]
+        if inputs is not None:
+            qweights.update(_calibrated_block(method, block, prefix, arch, plan, inputs))
+            inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
+        else:
+            for n in arch.linears:
+                full = f"{prefix}.{n}"
+                if full in plan:
+                    qweights[full] = _quantize_one(method, full, get_module(block, n), plan[full], None)
+    for name in plan:
+        if name not in qweights:  # lm_head and anything outside the blocks
+            qweights[name] = _quantize_one(method, name, get_module(model, name), plan[name], None)
+    if swap:
+        swap_quantized(model, qweights)
+    return qweights
+
+
+def untie_head(model, arch: Arch) -> None:
+    """Give the head its own weight so quantizing it leaves the embeddings untouched."""
+    head, embed = get_module(model, arch.head), get_module(model, arch.embed)
+    if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+
+
+def swap_quantized(model, qweights: dict[str, QuantizedWeight]) -> None:
+    """Replace each quantized Linear by a QuantLinear holding packed codes."""
+    from lowbit.nn import QuantLinear
+    from lowbit.nn.replace import replace_linear
+
+    arch = arch_for(model)
+    for name, qw in qweights.items():
+        lin = get_module(model, name)
+        if name == arch.head:
+            untie_head(model, arch)
+        bias = None if lin.bias is None else lin.bias.detach()
+        replace_linear(model, name, QuantLinear.from_quantized(qw, bias))
