@@ -1,0 +1,223 @@
+"""GPTQ: column-by-column rounding that pushes each column's error onto the not-yet-quantized ones.
+
+Frantar et al. 2022, with the usual practical pieces: dead columns (diag H == 0), dampening as a
+fraction of mean(diag H) (raised x10 with a warning until the Cholesky factorisations succeed),
+lazy batch updates in blocks of `block_size` columns, act-order (columns by decreasing diag H)
+and static groups.
+
+Layouts of the result:
+- no act-order, or act-order with static groups: group params are per original column group, so
+  `g_idx` is None (column c belongs to group c // group_size) and kernels use it as is;
+- act-order without static groups: groups follow the processing order, `g_idx[c]` names the group
+  of column c (the "desc_act" layout of AutoGPTQ checkpoints).
+Codes are always stored in the original column order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.algorithms.hessian import HessianAccumulator, output_error
+from lowbit.core.formats import codebook, nearest_code
+from lowbit.core.qparams import choose_qparams
+from lowbit.core.quantize import QuantizedWeight
+from lowbit.errors import LowbitError
+from lowbit.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GPTQResult", "HessianAccumulator", "QParamsFn", "gptq", "quantize_weight", "minmax_qparams"]
+
+# (W_group [rows, cols], spec) -> (scale [rows|1, 1], zero [rows|1, 1] or None)
+QParamsFn = Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor | None]]
+
+MAX_DAMP = 100.0
+
+
+def minmax_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row min-max scale/zero of a slice (one group, or the whole row for per-channel)."""
+    if spec.granularity == "tensor":
+        return choose_qparams(w, spec)
+    return choose_qparams(w, dataclasses.replace(spec, granularity="channel", group_size=None))
+
+
+@dataclass
+class GPTQResult:
+    qweight: QuantizedWeight
+    dequantized: torch.Tensor  # the weights GPTQ settled on, original column order
+    damp: float  # dampening actually used (fraction of mean diag H)
+    error: float  # relative output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) against the undamped H
+
+
+def _check(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str) -> None:
+    if W.dim() != 2:
+        raise LowbitError(f"{name}: GPTQ takes a 2-D weight [out, in], got shape {tuple(W.shape)}")
+    rows, cols = W.shape
+    if tuple(H.shape) != (cols, cols):
+        raise LowbitError(f"{name}: Hessian shape {tuple(H.shape)} does not match the weight's {cols} inputs")
+    if spec.dtype not in ("int", "nf4", "fp4"):
+        raise LowbitError(f"{name}: GPTQ supports integer and NF4/FP4 specs, not dtype={spec.dtype}")
+    if spec.granularity == "token":
+        raise LowbitError(f"{name}: granularity='token' is for activations; use 'channel' or 'group' for weights")
+    spec.check_shape(rows, cols, name)
+    if not torch.isfinite(W).all():
+        raise LowbitError(f"{name}: the weight holds NaN or Inf; cannot quantize it")
+    if not torch.isfinite(H).all():
+        raise LowbitError(f"{name}: the Hessian holds NaN or Inf (calibration activations overflowed?)")
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, raising damp x10 until it factorises."""
+    mean_diag = float(H.diagonal().mean())
+    d = float(damp)
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    while True:
+        Hd = H + (d * mean_diag) * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, d
+        new = d * 10 if d > 0 else 1e-4
+        if new > MAX_DAMP:
+            raise LowbitError(
+                f"{name}: the Hessian stays not positive definite even with dampening {d:g} x mean(diag H); "
+                "check the calibration activations of this layer"
+            )
+        log.warning("%s: Cholesky of the Hessian failed with dampening %g; raising dampening to %g", name, d, new)
+        d = new
+
+
+def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int = 128, damp: float = 0.01,
+         act_order: bool = False, static_groups: bool = True, qparams_fn: QParamsFn | None = None,
+         name: str = "weight") -> GPTQResult:
+    """Full GPTQ run; see `quantize_weight` for the arguments."""
+    _check(W, H, spec, name)
+    qparams_fn = qparams_fn or minmax_qparams
+    rows, cols = W.shape
+    W0 = W.detach().float()
+    W = W0.clone()
+    H_in = H.detach().float()
+    H = H_in.clone()
+
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    grouped = spec.granularity == "group"
+    gs = spec.group_size if grouped else cols
+    n_groups = cols // gs if grouped else 1
+
+    # parameters fixed up front: per-channel / per-tensor, or static groups on the original order
+    fixed_scale = fixed_zero = None
+    if not grouped:
+        fixed_scale, fixed_zero = qparams_fn(W, spec)
+    elif act_order and static_groups:
+        params = [qparams_fn(W[:, g * gs:(g + 1) * gs], spec) for g in range(n_groups)]
+        fixed_scale = torch.cat([p[0] for p in params], dim=1)
+        fixed_zero = None if params[0][1] is None else torch.cat([p[1] for p in params], dim=1)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv, used_damp = _inverse_cholesky(H, damp, name)
+    del H
+
+    # group of each processed column (in processing order)
+    if not grouped:
+        col_group = torch.zeros(cols, dtype=torch.long)
+    elif act_order and static_groups:
+        col_group = perm // gs
+    else:
+        col_group = torch.arange(cols) // gs
+
+    scale_out = fixed_scale.float().clone() if fixed_scale is not None else torch.empty(rows, n_groups)
+    zero_out = None
+    if fixed_scale is not None:
+        zero_out = None if fixed_zero is None else fixed_zero.float().clone()
+    elif not spec.symmetric and spec.dtype == "int":
+        zero_out = torch.empty(rows, n_groups)
+
+    is_int = spec.dtype == "int"
+    table = None if is_int else codebook(spec.dtype)
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
+
+    Qd = torch.empty(rows, cols)  # dequantized, processing order
+    C = torch.empty(rows, cols)  # codes as floats, processing order
+    cur_g = -1
+    s = inv_s = z = None
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2]  # view: updates land in W so later groups see them
+        Err1 = torch.empty(rows, i2 - i1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = int(col_group[j])
+            if g != cur_g:
+                if grouped and not (act_order and static_groups) and j % gs == 0:
+                    sg, zg = qparams_fn(W[:, j:j + gs], spec)
+                    scale_out[:, g:g + 1] = sg.float().reshape(-1, 1)
+                    if zero_out is not None:
+                        zero_out[:, g:g + 1] = zg.float().reshape(-1, 1)
+                s = scale_out[:, g]
+                inv_s = 1.0 / s
+                z = zero_out[:, g] if zero_out is not None else None
+                cur_g = g
+            w = W1[:, i]
+            if is_int:
+                q = w * inv_s
+                if z is not None:
+                    q = q + z
+                q = torch.round(q).clamp_(qmin, qmax)
+                dq = (q - z) * s if z is not None else q * s
+            else:
+                q = nearest_code(w * inv_s, table)
+                dq = table[q.long()] * s
+                q = q.float()
+            err = (w - dq) / Hinv1[i, i]
+            if i + 1 < i2 - i1:
+                W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1.0)
+            Err1[:, i] = err
+            Qd[:, j] = dq
+            C[:, j] = q
+        if i2 < cols:
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Qd = Qd[:, inv]
+        C = C[:, inv]
+        if grouped and not static_groups:
+            g_idx = (inv // gs).to(torch.int32)
+    if is_int:
+        codes = C.to(torch.int8 if spec.symmetric else torch.uint8)
+    else:
+        codes = C.to(torch.uint8)
+    qw = QuantizedWeight(codes, scale_out, zero_out, spec, g_idx)
+    return GPTQResult(qw, Qd, used_damp, output_error(W0, Qd, H_in))
+
+
+def quantize_weight(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int = 128,
+                    damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
+                    qparams_fn: QParamsFn | None = None, name: str = "weight") -> QuantizedWeight:
+    """GPTQ-quantize W [out, in] for inputs whose Hessian is H [in, in] (= 2XXᵀ/n).
+
+    damp: fraction of mean(diag H) added to the diagonal; raised x10 (logged) while Cholesky fails.
+    act_order: process columns by decreasing diag H. static_groups: with act_order, compute each
+    group's scale/zero up front on the original column order so g_idx stays the trivial c // gs.
+    qparams_fn: how a group's (or a row's) scale/zero are chosen; min-max by default, e.g.
+    `lowbit.algorithms.hqq.qparams_fn()` for HQQ-optimised parameters.
+    Rows are independent given H, so Linears sharing an input (q/k/v) may be stacked on dim 0.
+    """
+    return gptq(W, spec, H, block_size=block_size, damp=damp, act_order=act_order,
+                static_groups=static_groups, qparams_fn=qparams_fn, name=name).qweight
