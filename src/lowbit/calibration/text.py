@@ -86,7 +86,8 @@ class TextSplit:
 def split_text(documents: list[str], eval_fraction: float = 0.3) -> TextSplit:
     """Deterministic split by document: every 1/eval_fraction-th document goes to evaluation.
 
-    A single document is split at a paragraph boundary instead. The two parts never overlap.
+    A single document is split at a paragraph boundary instead. The two parts never overlap:
+    evaluation paragraphs that also occur in the calibration part are dropped.
     """
     if not 0 < eval_fraction < 1:
         raise LowbitError(f"eval_fraction={eval_fraction} must lie strictly between 0 and 1")
@@ -100,6 +101,9 @@ def split_text(documents: list[str], eval_fraction: float = 0.3) -> TextSplit:
         period = max(2, round(1 / eval_fraction))
         evaluation = "\n\n".join(d for i, d in enumerate(documents) if i % period == period - 1)
         calib = "\n\n".join(d for i, d in enumerate(documents) if i % period != period - 1)
+        # documents can share paragraphs (pydoc topics repeat whole sections): drop those from evaluation
+        seen = {p.strip() for p in calib.split("\n\n")}
+        evaluation = "\n\n".join(p for p in evaluation.split("\n\n") if p.strip() not in seen)
     if not calib.strip() or not evaluation.strip():
         raise LowbitError("the text is too short to split into calibration and evaluation parts")
     return TextSplit(calib, evaluation)
