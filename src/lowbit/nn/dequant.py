@@ -1,0 +1,139 @@
+"""Fast dequantization of QuantLinear storage to a dense weight, optionally through torch.compile.
+
+Storage: unsigned codes packed little-endian into int32 words (lowbit.core.packing layout), or
+torch's int4 kernel layout. These functions run on every forward of the dequant path, so they
+avoid int64 bit streams and fuse well under inductor.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lowbit.nn import int4_layout
+
+log = logging.getLogger(__name__)
+
+
+def _cross_tables(bits: int) -> tuple[torch.Tensor, ...]:
+    """Index/shift/mask tables to read 32 codes of `bits` bits from `bits` int32 words."""
+    mask = (1 << bits) - 1
+    lo_idx, hi_idx, shift, lo_mask, hi_mask, hi_shift = [], [], [], [], [], []
+    for i in range(32):
+        off = i * bits
+        w, s = divmod(off, 32)
+        lo_idx.append(w)
+        shift.append(s)
+        if s + bits <= 32:
+            lo_mask.append(mask)
+            hi_idx.append(w)
+            hi_mask.append(0)
+            hi_shift.append(0)
+        else:
+            lo_mask.append((1 << (32 - s)) - 1)
+            hi_idx.append(w + 1)
+            hi_mask.append((1 << (s + bits - 32)) - 1)
+            hi_shift.append(32 - s)
+    i32 = torch.int32
+    return (torch.tensor(lo_idx), torch.tensor(hi_idx), torch.tensor(shift, dtype=i32),
+            torch.tensor(lo_mask, dtype=i32), torch.tensor(hi_mask, dtype=i32), torch.tensor(hi_shift, dtype=i32))
+
+
+_TABLES = {b: _cross_tables(b) for b in (3, 5, 6, 7)}
+
+
+def unpack_int32(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """int32 words [N, ceil(k*bits/32)] (pack_bits layout) -> int32 codes [N, k]."""
+    n = qweight.shape[0]
+    if bits == 8:
+        return qweight.view(torch.uint8)[:, :k].to(torch.int32)
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+        c = (qweight.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return c.reshape(n, -1)[:, :k]
+    chunks = -(-k // 32)
+    words = qweight
+    pad = chunks * bits - words.shape[1]
+    if pad:
+        words = torch.nn.functional.pad(words, (0, pad))
+    words = words.reshape(n, chunks, bits)
+    lo_idx, hi_idx, shift, lo_mask, hi_mask, hi_shift = _TABLES[bits]
+    lo = (words[:, :, lo_idx] >> shift) & lo_mask
+    hi = (words[:, :, hi_idx] & hi_mask) << hi_shift
+    return (lo | hi).reshape(n, chunks * 32)[:, :k]
+
+
+def expand_cols(p: torch.Tensor, n: int, k: int, group_size: int | None,
+                g_idx: torch.Tensor | None) -> torch.Tensor:
+    """[N|1, G|1] parameter -> broadcastable against [N, K] (full [N, K] only with g_idx)."""
+    if g_idx is not None:
+        return p.expand(n, p.shape[1])[:, g_idx]
+    if group_size is None or p.shape[1] == 1:
+        return p
+    return p.repeat_interleave(group_size, dim=1)
+
+
+def dequant_packed(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   table: torch.Tensor | None, bits: int, k: int, group_size: int | None,
+                   g_idx: torch.Tensor | None, mode: str, offset: int,
+                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dense [N, K] weight from pack_bits storage.
+
+    mode: "int" (w = (u - offset - zero) * scale), "table" (w = table[u] * scale),
+    "fp8_e4m3" / "fp8_e5m2" (u is the float8 bit pattern).
+    """
+    n = qweight.shape[0]
+    codes = unpack_int32(qweight, bits, k)
+    if mode == "int":
+        v = codes.float()
+        if zero is not None:
+            v = v - expand_cols(zero.float(), n, k, group_size, g_idx)
+        elif offset:
+            v = v - offset
+    elif mode == "table":
+        v = table[codes.long()]
+    else:
+        dt = torch.float8_e4m3fn if mode == "fp8_e4m3" else torch.float8_e5m2
+        v = codes.to(torch.uint8).view(dt).float()
+    return (v * expand_cols(scale.float(), n, k, group_size, g_idx)).to(out_dtype)
+
+
+def dequant_int4pack(packed: torch.Tensor, sz: torch.Tensor, n: int, k: int,
+                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dense [N, K] weight from the int4 kernel layout and its scales_and_zeros [K/g, N, 2]."""
+    groups = sz.shape[0]
+    q = int4_layout.unpack(packed, n, k).reshape(n, groups, k // groups).float() - 8
+    s = sz[..., 0].t().float().unsqueeze(-1)
+    z = sz[..., 1].t().float().unsqueeze(-1)
+    return (q * s + z).reshape(n, k).to(out_dtype)
+
+
+def dequant_int8(w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return (w.float() * scale.float().reshape(-1, 1)).to(out_dtype)
+
+
+class MaybeCompiled:
+    """Calls torch.compile(fn) when enabled and working; falls back to eager once on failure."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._compiled = None
+        self._broken = False
+
+    def __call__(self, *args, compile: bool = True, **kwargs):
+        if compile and not self._broken:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.fn, dynamic=None)
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as e:  # no C++ compiler, unsupported op, ...
+                log.warning("torch.compile of %s failed (%s); using eager dequantization", self.fn.__name__, e)
+                self._broken = True
+        return self.fn(*args, **kwargs)
+
+
+dequant_packed_fast = MaybeCompiled(dequant_packed)
+dequant_int4pack_fast = MaybeCompiled(dequant_int4pack)
+dequant_int8_fast = MaybeCompiled(dequant_int8)

@@ -1,0 +1,28 @@
+"""Swap a submodule of a model by its dotted name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise LowbitError(f"model has no submodule {name!r}") from None
+
+
+def replace_linear(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule at dotted `name` (e.g. "model.layers.0.mlp.up_proj") with `new`; returns the old one."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(model, parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    if old is None:
+        raise LowbitError(f"model has no submodule {name!r}")
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+    return old
