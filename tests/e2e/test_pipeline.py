@@ -1,0 +1,93 @@
+"""RTN through the block pipeline, save/load round trip, and the CLI, on a tiny random Llama."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit.algorithms.registry import get_method
+from lowbit.api import quantize
+from lowbit.io.checkpoint import load_checkpoint, read_manifest
+from lowbit.models import load_model
+from lowbit.nn import QuantLinear
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe, load_recipe
+from lowbit.spec import QuantSpec, preset
+
+IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_rtn_swaps_every_block_linear_and_matches_dequantized_weights(tiny_dir):
+    model, _ = load_model(tiny_dir)
+    ref, _ = load_model(tiny_dir)
+    qweights = quantize_model(model, Recipe(preset("W4G64")), get_method("rtn"), progress=False)
+    assert len(qweights) == 2 * 7
+    qlinears = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert sorted(qlinears) == sorted(qweights)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+    # same network with dense dequantized weights gives the same logits (bf16 kernels: loose tolerance)
+    for name, qw in qweights.items():
+        ref.get_submodule(name).weight.data = qw.dequantize()
+    a, b = logits(model), logits(ref)
+    assert (a - b).abs().max() / b.abs().max() < 0.02
+
+
+def test_save_load_identical_outputs_and_manifest(tiny_dir, tmp_path):
+    model, tok = quantize(str(tiny_dir), tmp_path / "q", Recipe(preset("W3G64")), progress=False)
+    reloaded, tok2 = load_checkpoint(tmp_path / "q")
+    assert torch.equal(logits(model), logits(reloaded))
+    m = read_manifest(tmp_path / "q")
+    assert m["method"] == "rtn" and m["source"] == str(tiny_dir) and m["lowbit_version"]
+    layer = m["layers"]["model.layers.0.self_attn.q_proj"]
+    assert layer["spec"]["bits"] == 3 and layer["shape"] == [128, 128]
+    assert 3.0 < layer["bits_per_weight"] < 4.5
+    assert tok2 is not None
+
+
+def test_quantized_head_unties_embeddings(tiny_dir):
+    model, _ = load_model(tiny_dir)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    quantize_model(model, Recipe(preset("W8"), quantize_head=True), get_method("rtn"), progress=False)
+    assert isinstance(model.lm_head, QuantLinear)
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+    assert model.config.tie_word_embeddings is False
+
+
+def test_recipe_overrides_and_ignore(tiny_dir, tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("method: rtn\nbits: 4\ngroup_size: 32\nsymmetric: false\n"
+                 "ignore: ['layers\\.1\\.mlp\\.down_proj']\n"
+                 "overrides:\n  - pattern: 'mlp\\.down_proj'\n    bits: 8\n    granularity: channel\n    symmetric: true\n")
+    recipe = load_recipe(r)
+    model, _ = load_model(tiny_dir)
+    plan = recipe.plan(model, __import__("lowbit.models", fromlist=["arch_for"]).arch_for(model))
+    assert "model.layers.1.mlp.down_proj" not in plan
+    assert plan["model.layers.0.mlp.down_proj"] == QuantSpec(bits=8, granularity="channel")
+    assert plan["model.layers.0.self_attn.q_proj"] == QuantSpec(bits=4, symmetric=False, group_size=32)
+
+
+def test_cli_quantize_inspect_eval_json(tiny_dir, tmp_path):
+    out = tmp_path / "cli-q"
+    run = lambda *a: subprocess.run([sys.executable, "-c", "from lowbit.cli import main; main()", *map(str, a)],
+                                    capture_output=True, text=True)
+    r = run("quantize", tiny_dir, "-o", out, "--bits", "4", "--group-size", "32", "--asym")
+    assert r.returncode == 0, r.stderr
+    r = run("inspect", out)
+    assert r.returncode == 0 and "int4 asym g32" in r.stdout and "14 layers" in r.stdout
+    r = run("eval", tiny_dir, out, "--json", "--windows", "2", "--seq-len", "64", "--no-speed")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for side in ("original", "quantized"):
+        for key in ("perplexity", "kl", "top1_agreement", "bits_per_weight", "size_bytes",
+                    "decode_tokens_per_s", "prefill_tokens_per_s"):
+            assert key in res[side]
+    assert res["original"]["kl"] == 0 and res["quantized"]["kl"] > 0
+    assert res["original"]["bits_per_weight"] == 32 and 4.5 < res["quantized"]["bits_per_weight"] < 8
+    assert res["quantized"]["size_bytes"] < res["original"]["size_bytes"]
