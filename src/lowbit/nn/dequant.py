@@ -102,12 +102,18 @@ def dequant_packed(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def dequant_int4pack(packed: torch.Tensor, sz: torch.Tensor, n: int, k: int,
                      out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Dense [N, K] weight from the int4 kernel layout and its scales_and_zeros [K/g, N, 2]."""
-    groups = sz.shape[0]
-    q = int4_layout.unpack(packed, n, k).reshape(n, groups, k // groups).float() - 8
-    s = sz[..., 0].t().float().unsqueeze(-1)
-    z = sz[..., 1].t().float().unsqueeze(-1)
-    return (q * s + z).reshape(n, k).to(out_dtype)
+    """Dense [N, K] weight from the int4 kernel layout and its scales_and_zeros [K/g, N, 2].
+
+    Works on the contiguous [N/64, K, 64] block view and transposes once at the end.
+    """
+    groups, nb = sz.shape[0], n // int4_layout.BLOCK_N
+    half = int4_layout.BLOCK_N // 2
+    b = packed.view(nb, k, half)
+    q = torch.cat([b & 15, b >> 4], dim=-1).view(nb, groups, k // groups, 2 * half).float() - 8
+    s = sz[..., 0].float().view(groups, nb, 2 * half).permute(1, 0, 2).unsqueeze(2)
+    z = sz[..., 1].float().view(groups, nb, 2 * half).permute(1, 0, 2).unsqueeze(2)
+    w = (q * s + z).to(out_dtype)
+    return w.view(nb, k, 2 * half).transpose(1, 2).reshape(n, k)
 
 
 def dequant_int8(w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
