@@ -1,0 +1,76 @@
+"""RTN quality on SmolLM2-135M: fp32 vs W8 per-channel, W4 g64 sym/asym, W3 g64, W2 g64.
+
+    .venv/bin/python bench/rtn_quality.py [--text python-docs|pydoc] [--windows 32]
+
+Prints perplexity, KL to fp32, top-1 agreement, bits per weight and size, and writes
+bench/results/rtn.json. W4 asym g32 is shown only as a check: the model's weights came from a
+Q4_1 GGUF (asymmetric 4-bit, blocks of 32), so that setting is (near-)lossless and says nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from lowbit.algorithms.registry import get_method
+from lowbit.calibration import eval_windows, load_text
+from lowbit.eval.quality import quality_pair
+from lowbit.eval.size import bits_per_weight, memory_bytes
+from lowbit.models import load_model
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe
+from lowbit.spec import QuantSpec
+
+SETTINGS = {
+    "W8 per-channel": QuantSpec(bits=8, granularity="channel"),
+    "W4 g64 sym": QuantSpec(bits=4, group_size=64),
+    "W4 g64 asym": QuantSpec(bits=4, group_size=64, symmetric=False),
+    "W3 g64 asym": QuantSpec(bits=3, group_size=64, symmetric=False),
+    "W2 g64 asym": QuantSpec(bits=2, group_size=64, symmetric=False),
+    "W4 g32 asym (source format, not a quality figure)": QuantSpec(bits=4, group_size=32, symmetric=False),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--text", default="python-docs")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    text = args.text
+    try:
+        split = load_text(text)
+    except Exception:
+        text, split = "pydoc", load_text("pydoc")
+    original, tok = load_model("default")
+    windows = eval_windows(tok, split.evaluation, args.seq_len, args.windows)
+    rows = []
+    fp = None
+    for name, spec in SETTINGS.items():
+        model, _ = load_model("default")
+        quantize_model(model, Recipe(spec), get_method("rtn"), progress=False)
+        orig, q = quality_pair(original, model, windows, progress=False)
+        if fp is None:
+            fp = {"setting": "fp32", **orig, "bits_per_weight": 32.0, "memory_bytes": memory_bytes(original)}
+            rows.append(fp)
+        rows.append({"setting": name, **q, "bits_per_weight": bits_per_weight(model), "memory_bytes": memory_bytes(model)})
+        del model
+    print(f"RTN on SmolLM2-135M-Instruct, eval text: {text} held-out, {windows.numel()} tokens")
+    print(f"{'setting':<52} {'ppl':>8} {'Δppl%':>7} {'KL':>7} {'top1':>6} {'bits/w':>7} {'MiB':>7}")
+    for r in rows:
+        d = 100 * (r["perplexity"] / fp["perplexity"] - 1)
+        print(f"{r['setting']:<52} {r['perplexity']:>8.3f} {d:>7.2f} {r['kl']:>7.4f} {r['top1_agreement']:>6.3f} "
+              f"{r['bits_per_weight']:>7.3f} {r['memory_bytes'] / 2**20:>7.1f}")
+    out = Path(__file__).parent / "results" / "rtn.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"text": text, "tokens": windows.numel(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
