@@ -35,6 +35,8 @@ class QuantizedKVCache(Cache):
         seed: base seed of the random rotations (each layer gets its own).
         group_size: KIVI group size (tokens for keys, channels for values).
         calibrate_outliers: for fractional bits, pick the high-bit channels from the first tokens seen.
+        center: quantize keys/values around their per-head mean over the first tokens (stored in fp16);
+            exact for attention, it removes the large shared component of keys before rotation.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class QuantizedKVCache(Cache):
         seed: int = 0,
         group_size: int = 32,
         calibrate_outliers: bool = True,
+        center: bool = True,
     ):
         if method not in METHODS:
             raise ValueError(f"QuantizedKVCache: unknown method={method!r}; choose one of {sorted(METHODS)}")
@@ -59,6 +62,7 @@ class QuantizedKVCache(Cache):
         make_kv_quantizers(method, 64, 64, bits, seed, group_size)
         self.method, self.bits, self.window, self.seed, self.group_size = method, float(bits), window, seed, group_size
         self.keep_first, self.keep_last, self.calibrate_outliers = keep_first, keep_last, calibrate_outliers
+        self.center = center
         self.num_layers = None
         layers = []
         if config is not None:
@@ -107,8 +111,9 @@ class QuantizedKVCache(Cache):
             return DynamicLayer()
         make = functools.partial(self._quantizers_for, idx)
         if layer_type == "sliding_attention":
-            return QuantizedSlidingKVLayer(make, kwargs["sliding_window"], self.window, self.calibrate_outliers)
-        return QuantizedKVLayer(make, self.window, self.calibrate_outliers)
+            return QuantizedSlidingKVLayer(make, kwargs["sliding_window"], self.window, self.calibrate_outliers,
+                                           self.center)
+        return QuantizedKVLayer(make, self.window, self.calibrate_outliers, self.center)
 
     def _quantizers_for(self, idx: int, key_dim: int, value_dim: int):
         return make_kv_quantizers(self.method, key_dim, value_dim, self.bits, self.seed + 1000 * idx, self.group_size)

@@ -23,13 +23,15 @@ class QuantizedKVLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, make_quantizers, window: int = 0, calibrate_outliers: bool = True):
+    def __init__(self, make_quantizers, window: int = 0, calibrate_outliers: bool = True, center: bool = True):
         super().__init__()
         if not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be a non-negative integer, got window={window!r}")
         self._make_quantizers = make_quantizers
         self.window = window
         self.calibrate_outliers = calibrate_outliers
+        self.center = center
+        self._mk = self._mv = None  # per-head channel means (fp16), subtracted before quantizing
         self.cumulative_length = 0
         self.key_quantizer = self.value_quantizer = None
         self._pk: Packed | None = None
@@ -54,7 +56,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self._pk = self._pv = None
+        self._pk = self._pv = self._mk = self._mv = None
 
     # -- the hot path ----------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -72,6 +74,13 @@ class QuantizedKVLayer(DynamicLayer):
         if n_move <= 0:
             return
         k, v = self.keys[..., :n_move, :], self.values[..., :n_move, :]
+        if self._pk is None and self.center:
+            # softmax(q·k) ignores a shift shared by all keys, and Σ p v moves by the same shift: quantizing
+            # the residual around the first tokens' mean costs 2·d fp16 per head and removes the common part
+            self._mk = k.float().mean(-2, keepdim=True).half()
+            self._mv = v.float().mean(-2, keepdim=True).half()
+        if self._mk is not None:
+            k, v = k - self._mk.to(k.dtype), v - self._mv.to(v.dtype)
         if self._pk is None and self.calibrate_outliers:
             # fractional bits: the first tokens decide which channels get the extra bit
             if hasattr(self.key_quantizer, "with_outliers_from"):
@@ -88,12 +97,16 @@ class QuantizedKVLayer(DynamicLayer):
             return self.keys, self.values
         dk = self.key_quantizer.dequantize(self._pk).to(self.dtype)
         dv = self.value_quantizer.dequantize(self._pv).to(self.dtype)
+        if self._mk is not None:
+            dk, dv = dk + self._mk.to(self.dtype), dv + self._mv.to(self.dtype)
         return torch.cat([dk, self.keys], dim=-2), torch.cat([dv, self.values], dim=-2)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def storage(self) -> dict:
         """Bytes held (packed + full-precision tail counted at 16 bits) and the fp16 equivalent."""
         packed = 0 if self._pk is None else self._pk.nbytes + self._pv.nbytes
+        if self._mk is not None:
+            packed += 2 * (self._mk.numel() + self._mv.numel())
         tail = 2 * (self.keys.numel() + self.values.numel()) if self.is_initialized else 0
         coords = (self._pk.numel + self._pv.numel if self._pk is not None else 0) + tail // 2
         return {"bytes": packed + tail, "fp16_bytes": 2 * coords, "coords": coords}
@@ -101,6 +114,9 @@ class QuantizedKVLayer(DynamicLayer):
     def _map_batch(self, fn) -> None:
         if self._pk is not None:
             self._pk, self._pv = self._pk.index_select(0, fn), self._pv.index_select(0, fn)
+        if self._mk is not None:
+            self._mk = self._mk.index_select(0, fn.to(self._mk.device))
+            self._mv = self._mv.index_select(0, fn.to(self._mv.device))
         if self.is_initialized:
             self.keys = self.keys.index_select(0, fn.to(self.keys.device))
             self.values = self.values.index_select(0, fn.to(self.values.device))
@@ -140,8 +156,9 @@ class QuantizedSlidingKVLayer(QuantizedKVLayer):
 
     is_sliding = True
 
-    def __init__(self, make_quantizers, sliding_window: int, window: int = 0, calibrate_outliers: bool = True):
-        super().__init__(make_quantizers, window, calibrate_outliers)
+    def __init__(self, make_quantizers, sliding_window: int, window: int = 0, calibrate_outliers: bool = True,
+                 center: bool = True):
+        super().__init__(make_quantizers, window, calibrate_outliers, center)
         self.sliding_window = sliding_window
         self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
 
