@@ -80,12 +80,13 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     if method.needs_calibration:
         if calib_ids is None or calib_ids.numel() == 0:
             raise LowbitError(f"method {recipe.method!r} needs calibration text; none was given")
-        inputs = capture_first_block_inputs(model, arch, calib_ids)
+        inputs, block_kwargs = capture_first_block_inputs(model, arch, calib_ids)
     bar = tqdm(range(len(blocks)), desc=f"{recipe.method} blocks", disable=not progress, unit="block")
     for i in bar:
         prefix = f"{arch.blocks}.{i}"
         block = blocks[i]
         if inputs is not None:
+            inputs = BlockInputs(inputs.hidden, block_kwargs[i])
             qweights.update(_calibrated_block(method, block, prefix, arch, plan, inputs))
             inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
         else:

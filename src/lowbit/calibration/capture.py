@@ -21,19 +21,37 @@ class BlockInputs:
     kwargs: dict
 
 
-def capture_first_block_inputs(model, arch: Arch, ids: torch.Tensor, chunk: int = 8) -> BlockInputs:
-    """Run the model up to block 0 on [n, seq] token ids, `chunk` samples at a time."""
-    block0 = blocks_of(model, arch)[0]
+def _clean(kw: dict) -> dict:
+    out = {k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+    out["use_cache"] = False
+    return out
+
+
+def capture_first_block_inputs(model, arch: Arch, ids: torch.Tensor, chunk: int = 8) -> tuple[BlockInputs, list[dict]]:
+    """Run the model up to block 0 on [n, seq] token ids, `chunk` samples at a time.
+
+    Returns block 0's inputs and the keyword arguments of every block (recorded on the first
+    chunk): they differ per block where layers mix attention types (Gemma3's sliding and global
+    layers get different masks and rotary embeddings).
+    """
+    blocks = blocks_of(model, arch)
     hidden: list[torch.Tensor] = []
-    kwargs: dict = {}
+    per_block: list[dict] = [{} for _ in blocks]
+    first = [True]
 
-    def hook(_mod, args, kw):
-        hidden.append((args[0] if args else kw["hidden_states"]).detach())
-        if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
+    def make_hook(i):
+        def hook(_mod, args, kw):
+            if i == 0:
+                hidden.append((args[0] if args else kw["hidden_states"]).detach())
+            if first[0]:
+                per_block[i] = _clean(kw)
+                if i < len(blocks) - 1:
+                    return None
+            raise _Stop
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
         with torch.no_grad():
             for start in range(0, ids.shape[0], chunk):
@@ -41,12 +59,11 @@ def capture_first_block_inputs(model, arch: Arch, ids: torch.Tensor, chunk: int 
                     model(input_ids=ids[start : start + chunk], use_cache=False)
                 except _Stop:
                     pass
+                first[0] = False
     finally:
-        handle.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    kwargs["use_cache"] = False
-    return BlockInputs(hidden, kwargs)
+        for h in handles:
+            h.remove()
+    return BlockInputs(hidden, per_block[0]), per_block
 
 
 def _kwargs_for(kwargs: dict, batch: int) -> dict:
