@@ -18,7 +18,7 @@ import torch
 
 from lowbit.algorithms.registry import get_method
 from lowbit.calibration import eval_windows, load_text
-from lowbit.eval.quality import quality_pair
+from lowbit.eval.quality import quality_many
 from lowbit.eval.size import bits_per_weight, memory_bytes
 from lowbit.models import load_model
 from lowbit.pipeline import quantize_model
@@ -50,17 +50,15 @@ def main() -> None:
         text, split = "pydoc", load_text("pydoc")
     original, tok = load_model("default")
     windows = eval_windows(tok, split.evaluation, args.seq_len, args.windows)
-    rows = []
-    fp = None
+    models = {}
     for name, spec in SETTINGS.items():
         model, _ = load_model("default")
         quantize_model(model, Recipe(spec), get_method("rtn"), progress=False)
-        orig, q = quality_pair(original, model, windows, progress=False)
-        if fp is None:
-            fp = {"setting": "fp32", **orig, "bits_per_weight": 32.0, "memory_bytes": memory_bytes(original)}
-            rows.append(fp)
-        rows.append({"setting": name, **q, "bits_per_weight": bits_per_weight(model), "memory_bytes": memory_bytes(model)})
-        del model
+        models[name] = model
+    orig, results = quality_many(original, models, windows)
+    fp = {"setting": "fp32", **orig, "bits_per_weight": 32.0, "memory_bytes": memory_bytes(original)}
+    rows = [fp] + [{"setting": k, **r, "bits_per_weight": bits_per_weight(models[k]),
+                    "memory_bytes": memory_bytes(models[k])} for k, r in results.items()]
     print(f"RTN on SmolLM2-135M-Instruct, eval text: {text} held-out, {windows.numel()} tokens")
     print(f"{'setting':<52} {'ppl':>8} {'Δppl%':>7} {'KL':>7} {'top1':>6} {'bits/w':>7} {'MiB':>7}")
     for r in rows:

@@ -25,18 +25,27 @@ def token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.T
 
 
 @torch.no_grad()
-def quality_pair(original, quantized, windows: torch.Tensor, progress: bool = True) -> tuple[dict, dict]:
-    """Metrics of the original and the quantized model over [n, seq] evaluation windows."""
-    tot = {"nll_ref": 0.0, "nll": 0.0, "kl": 0.0, "top1": 0, "n": 0}
+def quality_many(original, models: dict, windows: torch.Tensor, progress: bool = True) -> tuple[dict, dict]:
+    """Like quality_pair for several quantized models at once: the original runs once per window."""
+    tots = {k: {"nll_ref": 0.0, "nll": 0.0, "kl": 0.0, "top1": 0, "n": 0} for k in models}
     for ids in tqdm(windows, desc="evaluating", disable=not progress, unit="window"):
         ids = ids[None]
         ref = _logits(original, ids)[:, :-1]
-        q = _logits(quantized, ids)[:, :-1]
-        s = token_stats(ref, q, ids[:, 1:])
-        for k in tot:
-            tot[k] += s[k]
-    n = tot["n"]
-    orig = {"perplexity": math.exp(tot["nll_ref"] / n), "kl": 0.0, "top1_agreement": 1.0, "eval_tokens": n}
-    quant = {"perplexity": math.exp(tot["nll"] / n), "kl": tot["kl"] / n, "top1_agreement": tot["top1"] / n,
-             "eval_tokens": n}
-    return orig, quant
+        for k, model in models.items():
+            s = token_stats(ref, _logits(model, ids)[:, :-1], ids[:, 1:])
+            for key in tots[k]:
+                tots[k][key] += s[key]
+    results = {}
+    orig = None
+    for k, tot in tots.items():
+        n = tot["n"]
+        orig = {"perplexity": math.exp(tot["nll_ref"] / n), "kl": 0.0, "top1_agreement": 1.0, "eval_tokens": n}
+        results[k] = {"perplexity": math.exp(tot["nll"] / n), "kl": tot["kl"] / n,
+                      "top1_agreement": tot["top1"] / n, "eval_tokens": n}
+    return orig, results
+
+
+def quality_pair(original, quantized, windows: torch.Tensor, progress: bool = True) -> tuple[dict, dict]:
+    """Metrics of the original and the quantized model over [n, seq] evaluation windows."""
+    orig, results = quality_many(original, {"q": quantized}, windows, progress)
+    return orig, results["q"]
