@@ -31,6 +31,9 @@ def timeit(f, reps=20):
 
 
 def main():
+    import sys
+    if len(sys.argv) > 1:  # threads; 1 avoids OpenMP barrier stalls when other jobs share the cores
+        torch.set_num_threads(int(sys.argv[1]))
     torch.manual_seed(0)
     out = []
     with torch.inference_mode():
