@@ -121,7 +121,13 @@ def dequant_int8(w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = 
 
 
 class MaybeCompiled:
-    """Calls torch.compile(fn) when enabled and working; falls back to eager once on failure."""
+    """Calls torch.compile(fn) when enabled and working; falls back to eager once on failure.
+
+    Shapes are static (a dynamic-shape kernel measured 30x slower here); each layer shape is
+    one specialization, so the per-function recompile limit is raised for these calls only.
+    """
+
+    RECOMPILE_LIMIT = 64
 
     def __init__(self, fn):
         self.fn = fn
@@ -131,9 +137,10 @@ class MaybeCompiled:
     def __call__(self, *args, compile: bool = True, **kwargs):
         if compile and not self._broken:
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=None)
+                self._compiled = torch.compile(self.fn, dynamic=False)
             try:
-                return self._compiled(*args, **kwargs)
+                with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+                    return self._compiled(*args, **kwargs)
             except Exception as e:  # no C++ compiler, unsupported op, ...
                 log.warning("torch.compile of %s failed (%s); using eager dequantization", self.fn.__name__, e)
                 self._broken = True
