@@ -144,3 +144,19 @@ def test_unsupported_models_say_so():
 def test_bad_arguments_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantizedKVCache(**{"method": "turboquant", "bits": 3, **kwargs})
+
+
+def test_sinks_and_window_stay_exact_middle_is_quantized():
+    cache = QuantizedKVCache("turboquant", 3, None, window=5, sink=2)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 20, 32, generator=g), torch.randn(1, 2, 20, 32, generator=g)
+    k1, v1 = cache.update(k[..., :12, :], v[..., :12, :], 0)
+    k2, v2 = cache.update(k[..., 12:, :], v[..., 12:, :], 0)
+    assert k2.shape == k.shape and cache.get_seq_length() == 20
+    assert torch.equal(k2[..., :2, :], k[..., :2, :]) and torch.equal(v2[..., -5:, :], v[..., -5:, :])
+    mid = (k2[..., 2:15, :] - k[..., 2:15, :]).pow(2).sum() / k[..., 2:15, :].pow(2).sum()
+    assert 0.005 < mid.item() < 0.1
+    layer = cache.layers[0]
+    assert layer.quantized_length == 13
+    cache.crop(-7)  # through the window into the quantized part
+    assert cache.get_seq_length() == 13 and layer.quantized_length == 11

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         window: int = typer.Option(0, help="newest tokens kept in full precision"),
         keep_first: int = typer.Option(0, help="first decoder layers left unquantized"),
         keep_last: int = typer.Option(0, help="last decoder layers left unquantized"),
+        sink: int = typer.Option(0, help="first tokens kept in full precision (attention sinks)"),
         group_size: int = typer.Option(32, help="KIVI group size"),
         center: bool = typer.Option(True, "--center/--no-center", help="quantize around the per-head mean"),
         seed: int = typer.Option(0, help="seed of the random rotations"),
@@ -36,7 +37,7 @@ def register(app: typer.Typer) -> None:
         m.eval()
         try:
             make = cache_factory(m.config, method, bits, window=window, keep_first=keep_first,
-                                 keep_last=keep_last, group_size=group_size, center=center, seed=seed)
+                                 keep_last=keep_last, sink=sink, group_size=group_size, center=center, seed=seed)
         except ValueError as e:
             raise LowbitError(str(e)) from None
         ids = eval_windows(tokenizer, load_text(text).evaluation, seq_len=seq_len, max_windows=windows)

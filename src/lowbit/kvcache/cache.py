@@ -37,6 +37,8 @@ class QuantizedKVCache(Cache):
         calibrate_outliers: for fractional bits, pick the high-bit channels from the first tokens seen.
         center: quantize keys/values around their per-head mean over the first tokens (stored in fp16);
             exact for attention, it removes the large shared component of keys before rotation.
+        sink: first tokens of the sequence kept in full precision (attention sinks); not applied to
+            sliding-window layers.
     """
 
     def __init__(
@@ -52,17 +54,18 @@ class QuantizedKVCache(Cache):
         group_size: int = 32,
         calibrate_outliers: bool = True,
         center: bool = True,
+        sink: int = 0,
     ):
         if method not in METHODS:
             raise ValueError(f"QuantizedKVCache: unknown method={method!r}; choose one of {sorted(METHODS)}")
-        for name, val in (("window", window), ("keep_first", keep_first), ("keep_last", keep_last)):
+        for name, val in (("window", window), ("keep_first", keep_first), ("keep_last", keep_last), ("sink", sink)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
                 raise ValueError(f"QuantizedKVCache: {name} must be a non-negative integer, got {name}={val!r}")
         # fail now, not at the first forward, on bits the method cannot serve
         make_kv_quantizers(method, 64, 64, bits, seed, group_size)
         self.method, self.bits, self.window, self.seed, self.group_size = method, float(bits), window, seed, group_size
         self.keep_first, self.keep_last, self.calibrate_outliers = keep_first, keep_last, calibrate_outliers
-        self.center = center
+        self.center, self.sink = center, sink
         self.num_layers = None
         layers = []
         if config is not None:
@@ -113,7 +116,7 @@ class QuantizedKVCache(Cache):
         if layer_type == "sliding_attention":
             return QuantizedSlidingKVLayer(make, kwargs["sliding_window"], self.window, self.calibrate_outliers,
                                            self.center)
-        return QuantizedKVLayer(make, self.window, self.calibrate_outliers, self.center)
+        return QuantizedKVLayer(make, self.window, self.calibrate_outliers, self.center, self.sink)
 
     def _quantizers_for(self, idx: int, key_dim: int, value_dim: int):
         return make_kv_quantizers(self.method, key_dim, value_dim, self.bits, self.seed + 1000 * idx, self.group_size)

@@ -23,10 +23,15 @@ class QuantizedKVLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, make_quantizers, window: int = 0, calibrate_outliers: bool = True, center: bool = True):
+    def __init__(self, make_quantizers, window: int = 0, calibrate_outliers: bool = True, center: bool = True,
+                 sink: int = 0):
         super().__init__()
         if not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be a non-negative integer, got window={window!r}")
+        if not isinstance(sink, int) or sink < 0:
+            raise ValueError(f"sink must be a non-negative integer, got sink={sink!r}")
+        self.sink = sink
+        self._sk = self._sv = None  # the first `sink` tokens (attention sinks), kept in full precision
         self._make_quantizers = make_quantizers
         self.window = window
         self.calibrate_outliers = calibrate_outliers
@@ -56,7 +61,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self._pk = self._pv = self._mk = self._mv = None
+        self._pk = self._pv = self._mk = self._mv = self._sk = self._sv = None
 
     # -- the hot path ----------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -69,6 +74,13 @@ class QuantizedKVLayer(DynamicLayer):
         return self._read()
 
     def _flush(self) -> None:
+        have = 0 if self._sk is None else self._sk.shape[-2]
+        if have < self.sink:
+            take = min(self.sink - have, self.keys.shape[-2])
+            k, v = self.keys[..., :take, :], self.values[..., :take, :]
+            self._sk = k if self._sk is None else torch.cat([self._sk, k], dim=-2)
+            self._sv = v if self._sv is None else torch.cat([self._sv, v], dim=-2)
+            self.keys, self.values = self.keys[..., take:, :], self.values[..., take:, :]
         n_move = self.keys.shape[-2] - self.window
         n_move -= n_move % self.block
         if n_move <= 0:
@@ -93,6 +105,12 @@ class QuantizedKVLayer(DynamicLayer):
         self.keys, self.values = self.keys[..., n_move:, :], self.values[..., n_move:, :]
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._read_body()
+        if self._sk is None:
+            return keys, values
+        return torch.cat([self._sk, keys], dim=-2), torch.cat([self._sv, values], dim=-2)
+
+    def _read_body(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pk is None:
             return self.keys, self.values
         dk = self.key_quantizer.dequantize(self._pk).to(self.dtype)
@@ -108,12 +126,17 @@ class QuantizedKVLayer(DynamicLayer):
         if self._mk is not None:
             packed += 2 * (self._mk.numel() + self._mv.numel())
         tail = 2 * (self.keys.numel() + self.values.numel()) if self.is_initialized else 0
+        if self._sk is not None:
+            tail += 2 * (self._sk.numel() + self._sv.numel())
         coords = (self._pk.numel + self._pv.numel if self._pk is not None else 0) + tail // 2
         return {"bytes": packed + tail, "fp16_bytes": 2 * coords, "coords": coords}
 
     def _map_batch(self, fn) -> None:
         if self._pk is not None:
             self._pk, self._pv = self._pk.index_select(0, fn), self._pv.index_select(0, fn)
+        if self._sk is not None:
+            self._sk = self._sk.index_select(0, fn.to(self._sk.device))
+            self._sv = self._sv.index_select(0, fn.to(self._sv.device))
         if self._mk is not None:
             self._mk = self._mk.index_select(0, fn.to(self._mk.device))
             self._mv = self._mv.index_select(0, fn.to(self._mv.device))
@@ -143,6 +166,8 @@ class QuantizedKVLayer(DynamicLayer):
         tail = self.keys.shape[-2]
         if n > tail:
             cut = n - tail
+            if self._pk is None or cut > self.quantized_length:
+                raise ValueError(f"cannot crop {n} tokens: that reaches the full-precision attention sinks")
             if cut % self.block:
                 raise ValueError(f"cannot crop {n} tokens: the quantized part is stored in groups of {self.block}")
             self._pk, self._pv = self._pk.drop_back(cut), self._pv.drop_back(cut)
@@ -158,7 +183,7 @@ class QuantizedSlidingKVLayer(QuantizedKVLayer):
 
     def __init__(self, make_quantizers, sliding_window: int, window: int = 0, calibrate_outliers: bool = True,
                  center: bool = True):
-        super().__init__(make_quantizers, window, calibrate_outliers, center)
+        super().__init__(make_quantizers, window, calibrate_outliers, center, sink=0)
         self.sliding_window = sliding_window
         self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
 
