@@ -30,10 +30,13 @@ VARIANTS = {
     "fp32": (None, False, False, False),
     "bf16": (None, False, True, False),
     "int8": (preset("W8"), False, False, False),
+    "int8_head": (preset("W8"), True, False, False),
     "int4": (preset("W4G64"), False, False, False),
     "int4_head": (preset("W4G64"), True, False, False),
     "int4_head_bf16": (preset("W4G64"), True, True, False),
     "fp32_compiled": (None, False, False, True),
+    "int8_head_compiled": (preset("W8"), True, False, True),
+    "int4_head_compiled": (preset("W4G64"), True, False, True),
     "int8_head_bf16_compiled": (preset("W8"), True, True, True),
     "int4_head_bf16_compiled": (preset("W4G64"), True, True, True),
 }

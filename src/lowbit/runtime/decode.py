@@ -22,7 +22,9 @@ def compiled_decode(model, mode: str | None = None, fullgraph: bool = False):
 
     gc = model.generation_config
     gc.cache_implementation = "static"
-    gc.compile_config = CompileConfig(fullgraph=fullgraph, dynamic=False, mode=mode, _compile_all_devices=True)
+    cc = CompileConfig(fullgraph=fullgraph, dynamic=False, mode=mode or "default")
+    cc._compile_all_devices = True  # transformers compiles only on GPUs unless this is set
+    gc.compile_config = cc
     gc.disable_compile = False
     log.info("compiled decode on: static cache, torch.compile mode=%s", mode)
     return model
