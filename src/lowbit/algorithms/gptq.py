@@ -96,7 +96,22 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
 def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int = 128, damp: float = 0.01,
          act_order: bool = False, static_groups: bool = True, qparams_fn: QParamsFn | None = None,
          name: str = "weight") -> GPTQResult:
-    """Full GPTQ run; see `quantize_weight` for the arguments."""
+    """Full GPTQ run; see `quantize_weight` for the arguments.
+
+    Runs on one intra-op thread: the column loop is thousands of small ops and the matrices are
+    at most a few thousand wide, where OpenMP barriers cost more than they save (measured 4-20x
+    slower with two threads on a busy two-core machine). The caller's thread count is restored.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(W, spec, H, block_size=block_size, damp=damp, act_order=act_order,
+                     static_groups=static_groups, qparams_fn=qparams_fn, name=name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(W, spec, H, *, block_size, damp, act_order, static_groups, qparams_fn, name) -> GPTQResult:
     _check(W, H, spec, name)
     qparams_fn = qparams_fn or minmax_qparams
     rows, cols = W.shape

@@ -31,7 +31,9 @@ class RTN:
 
 
 def _builders() -> dict:
-    return {"rtn": RTN}
+    from lowbit.algorithms.calibrated import METHODS  # gptq, hqq, awq, awq+gptq
+
+    return {"rtn": RTN, **METHODS}
 
 
 def method_names() -> list[str]:
