@@ -13,7 +13,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.calibration.capture import BlockInputs, capture_first_block_inputs, run_block
+from lowbit.calibration.capture import BlockInputs, StopForward, capture_first_block_inputs, run_block
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
@@ -37,6 +37,14 @@ def _quantize_one(method, name, linear, spec, stats) -> QuantizedWeight:
     return qw
 
 
+def _feed(stats, x, name, seen: set, n_hooked: int) -> None:
+    stats.add(x)
+    seen.add(name)
+    if len(seen) == n_hooked:  # every Linear of the group has its input: stop this chunk here
+        seen.clear()
+        raise StopForward
+
+
 def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs: BlockInputs) -> dict:
     qweights = {}
     local_plan = {n: plan[f"{prefix}.{n}"] for n in arch.linears if f"{prefix}.{n}" in plan}
@@ -46,11 +54,13 @@ def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs
         if not names:
             continue
         stats, handles = {}, []
+        seen: set = set()  # hooked Linears that got this chunk's input; then the rest of the forward is skipped
         for n in names:
             lin = get_module(block, n)
             stats[n] = method.make_stats(f"{prefix}.{n}", lin)
             if stats[n] is not None:
-                handles.append(lin.register_forward_hook(lambda _m, args, _o, s=stats[n]: s.add(args[0])))
+                handles.append(lin.register_forward_pre_hook(
+                    lambda _m, args, s=stats[n], n=n: _feed(s, args[0], n, seen, len(handles))))
         if handles:
             try:
                 run_block(block, inputs)

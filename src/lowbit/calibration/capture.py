@@ -78,11 +78,18 @@ def _kwargs_for(kwargs: dict, batch: int) -> dict:
     return out
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a block's forward on a chunk once the hook has what it needs."""
+
+
 def run_block(block, inputs: BlockInputs) -> list[torch.Tensor]:
-    """Outputs of one block for every captured chunk."""
+    """Outputs of one block for every captured chunk (chunks stopped by StopForward give none)."""
     outs = []
     with torch.no_grad():
         for h in inputs.hidden:
-            out = block(h, **_kwargs_for(inputs.kwargs, h.shape[0]))
+            try:
+                out = block(h, **_kwargs_for(inputs.kwargs, h.shape[0]))
+            except StopForward:
+                continue
             outs.append((out[0] if isinstance(out, tuple) else out).detach())
     return outs
