@@ -30,10 +30,10 @@ def check_finite(model, names) -> None:
             raise LowbitError(f"weight of {name} holds {bad} NaN/Inf values; fix the checkpoint before quantizing")
 
 
-def _quantize_one(method, name, linear, spec, stats) -> QuantizedWeight:
+def _quantize_one(method, name, linear, spec, stats, write_back: bool = True) -> QuantizedWeight:
     qw = method.quantize_linear(name, linear.weight.detach().float(), spec, stats)
-    # later groups and blocks must see this layer's quantized outputs
-    linear.weight.data.copy_(qw.dequantize(linear.weight.dtype))
+    if write_back:  # later groups and blocks must see this layer's quantized outputs
+        linear.weight.data.copy_(qw.dequantize(linear.weight.dtype))
     return qw
 
 
@@ -103,10 +103,12 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
             for n in arch.linears:
                 full = f"{prefix}.{n}"
                 if full in plan:
-                    qweights[full] = _quantize_one(method, full, get_module(block, n), plan[full], None)
+                    qweights[full] = _quantize_one(method, full, get_module(block, n), plan[full], None,
+                                                   write_back=not swap)
     for name in plan:
         if name not in qweights:  # lm_head and anything outside the blocks
-            qweights[name] = _quantize_one(method, name, get_module(model, name), plan[name], None)
+            qweights[name] = _quantize_one(method, name, get_module(model, name), plan[name], None,
+                                           write_back=not swap)
     if swap:
         swap_quantized(model, qweights)
     return qweights
