@@ -48,3 +48,27 @@ def test_three_bit_layout_fills_three_words_per_32_codes():
     c = torch.arange(64, dtype=torch.uint8).reshape(1, 64) % 8
     assert pack_bits(c, 3, torch.int32).shape == (1, 6)
     assert pack_bits(torch.full((1, 8), 15, dtype=torch.uint8), 4, torch.int32).item() == -1
+
+
+def test_out_of_range_codes_are_refused():
+    import pytest
+
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="outside 0..7"):
+        pack_bits(torch.tensor([[1, 8]]), 3)
+    with pytest.raises(LowbitError, match="offset signed codes"):
+        pack_bits(torch.tensor([[-1, 2]]), 4)
+
+
+def test_nan_weight_is_refused():
+    import pytest
+
+    from lowbit import QuantSpec
+    from lowbit.core import quantize
+    from lowbit.errors import LowbitError
+
+    w = torch.ones(2, 32)
+    w[1, 3] = float("nan")
+    with pytest.raises(LowbitError, match="1 NaN/Inf"):
+        quantize(w, QuantSpec(4, "int", True, "group", 32))

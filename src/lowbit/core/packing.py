@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import LowbitError
+
 _WIDTH = {torch.int32: 32, torch.uint8: 8}
 
 
@@ -19,10 +21,13 @@ def packed_len(n: int, bits: int, container: torch.dtype = torch.int32) -> int:
 def pack_bits(codes: torch.Tensor, bits: int, container: torch.dtype = torch.int32) -> torch.Tensor:
     """Pack unsigned codes in [0, 2**bits) along the last dim into `container` words."""
     if container not in _WIDTH:
-        raise ValueError(f"container must be torch.int32 or torch.uint8, got {container}")
+        raise LowbitError(f"container must be torch.int32 or torch.uint8, got {container}")
     w = _WIDTH[container]
     lead, n = codes.shape[:-1], codes.shape[-1]
     c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
+        raise LowbitError(f"codes span {int(c.min())}..{int(c.max())}, outside 0..{2**bits - 1} for {bits}-bit packing; "
+                          "offset signed codes by 2**(bits-1) first")
     if w % bits == 0:
         per = w // bits
         pad = (-n) % per

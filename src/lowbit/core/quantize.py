@@ -9,6 +9,7 @@ import torch
 from lowbit.core.formats import FP8_DTYPES, codebook, nearest_code
 from lowbit.core.groups import as_2d, expand_params
 from lowbit.core.qparams import choose_qparams
+from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec
 
 
@@ -87,6 +88,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.
     """Round-to-nearest quantization of a 2-D tensor with min-max parameters."""
     x2 = as_2d(x)
     if not torch.isfinite(x2).all():
-        raise ValueError("tensor holds NaN or Inf; cannot quantize it")
+        bad = int((~torch.isfinite(x2)).sum())
+        raise LowbitError(f"tensor holds {bad} NaN/Inf values; cannot quantize it")
     scale, zero = choose_qparams(x2, spec, shrink)
     return QuantizedWeight(quantize_codes(x2, scale, zero, spec), scale, zero, spec)
