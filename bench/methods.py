@@ -1,0 +1,162 @@
+"""Calibrated methods on SmolLM2-135M: RTN, HQQ, GPTQ, AWQ, AWQ+GPTQ beside fp32, plus GPTQ cost.
+
+    .venv/bin/python bench/methods.py                      # everything (slow: 20 quantizations)
+    .venv/bin/python bench/methods.py --settings "W4 g64 sym,W3 g64 asym" --methods rtn,gptq
+    .venv/bin/python bench/methods.py --timing-only        # GPTQ wall time and peak RSS alone
+
+Calibration: 64 random 512-token windows of the stdlib pydoc text (calibration split).
+Evaluation: held-out Debian python3.11-doc sources (else the held-out pydoc split), `--windows`
+windows of 512 tokens; perplexity, KL to fp32 and top-1 agreement. Results are merged into
+bench/results/methods.json (one row per setting x method), so settings can be run separately.
+
+The timing run is a fresh process (peak RSS = ru_maxrss of that process): load the model,
+tokenize the calibration text, GPTQ W4 g64 sym over all decoder Linears, no evaluation.
+W4 g32 asym is not benchmarked: the model's weights came from a Q4_1 GGUF, so it is lossless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.algorithms.registry import get_method
+from lowbit.calibration import calibration_batches, eval_windows, load_text
+from lowbit.eval.quality import quality_many
+from lowbit.models import load_model
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe
+from lowbit.spec import QuantSpec
+
+SETTINGS = {
+    "W4 g64 sym": QuantSpec(bits=4, group_size=64),
+    "W4 g64 asym": QuantSpec(bits=4, group_size=64, symmetric=False),
+    "W3 g64 asym": QuantSpec(bits=3, group_size=64, symmetric=False),
+    "W2 g64 asym": QuantSpec(bits=2, group_size=64, symmetric=False),
+}
+METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq")
+OUT = Path(__file__).parent / "results" / "methods.json"
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timing(samples: int, seq_len: int, method: str) -> dict:
+    t0 = time.perf_counter()
+    model, tok = load_model("default")
+    calib = calibration_batches(tok, load_text("pydoc").calibration, samples, seq_len)
+    t1 = time.perf_counter()
+    quantize_model(model, Recipe(SETTINGS["W4 g64 sym"], method=method), get_method(method), calib,
+                   progress=True, swap=False)
+    t2 = time.perf_counter()
+    return {"method": method, "samples": samples, "seq_len": seq_len, "threads": torch.get_num_threads(),
+            "quantize_s": t2 - t1, "total_s": t2 - t0, "peak_rss_mib": _rss_mib()}
+
+
+def _load_results() -> dict:
+    if OUT.is_file():
+        return json.loads(OUT.read_text())
+    return {"rows": {}}
+
+
+def _save(res: dict) -> None:
+    OUT.parent.mkdir(exist_ok=True)
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(OUT)
+
+
+def print_table(res: dict) -> None:
+    rows = res["rows"]
+    fp = res.get("fp32")
+    if not fp:
+        return
+    print(f"SmolLM2-135M-Instruct; calibration {res.get('calibration')}; eval {res.get('eval')}")
+    print(f"| setting | method | ppl | Δppl vs fp32 | Δppl / RTN's | KL | top-1 |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"| fp32 | - | {fp['perplexity']:.3f} | - | - | 0 | 1.000 |")
+    for setting in SETTINGS:
+        rtn = rows.get(f"{setting}|rtn")
+        for m in METHODS:
+            r = rows.get(f"{setting}|{m}")
+            if r is None:
+                continue
+            d = r["perplexity"] - fp["perplexity"]
+            ratio = f"{d / (rtn['perplexity'] - fp['perplexity']):.2f}" if rtn else "-"
+            print(f"| {setting} | {m} | {r['perplexity']:.3f} | {100 * d / fp['perplexity']:+.2f}% | {ratio} | "
+                  f"{r['kl']:.4f} | {r['top1_agreement']:.3f} |")
+    if "timing" in res:
+        t = res["timing"]
+        print(f"\nGPTQ W4 g64 sym, {t['samples']}x{t['seq_len']} calibration, {t['threads']} threads: "
+              f"quantize {t['quantize_s']:.1f} s (process total {t['total_s']:.1f} s), peak RSS {t['peak_rss_mib']:.0f} MiB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--text", default="python-docs")
+    ap.add_argument("--timing", action="store_true", help="also run the GPTQ timing in a fresh process")
+    ap.add_argument("--timing-only", action="store_true")
+    ap.add_argument("--timing-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--print", action="store_true", help="print the stored table and exit")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.timing_child:
+        print(json.dumps(timing(args.samples, args.seq_len, "gptq")))
+        return
+    res = _load_results()
+    if args.print:
+        print_table(res)
+        return
+    if args.timing or args.timing_only:
+        out = subprocess.run([sys.executable, __file__, "--timing-child", "--samples", str(args.samples),
+                              "--seq-len", str(args.seq_len)], check=True, capture_output=True, text=True)
+        res["timing"] = json.loads(out.stdout.strip().splitlines()[-1])
+        _save(res)
+        if args.timing_only:
+            print_table(res)
+            return
+
+    text = args.text
+    try:
+        split = load_text(text)
+    except Exception:
+        text, split = "pydoc", load_text("pydoc")
+    original, tok = load_model("default")
+    windows = eval_windows(tok, split.evaluation, args.seq_len, args.windows)
+    calib = calibration_batches(tok, load_text("pydoc").calibration, args.samples, args.seq_len)
+    res["calibration"] = f"pydoc {args.samples}x{args.seq_len}"
+    res["eval"] = f"{text} held-out, {windows.numel()} tokens"
+    for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
+        spec = SETTINGS[setting]
+        models, times = {}, {}
+        for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            model, _ = load_model("default")
+            t = time.perf_counter()
+            quantize_model(model, Recipe(spec, method=m), get_method(m), calib, progress=True, swap=False)
+            times[m] = time.perf_counter() - t
+            models[m] = model
+            print(f"{setting} {m}: quantized in {times[m]:.1f} s", file=sys.stderr, flush=True)
+        orig, results = quality_many(original, models, windows)
+        res["fp32"] = orig
+        for m, r in results.items():
+            res["rows"][f"{setting}|{m}"] = {**r, "quantize_s": times[m]}
+        _save(res)
+        del models
+    print_table(res)
+
+
+if __name__ == "__main__":
+    main()
