@@ -141,20 +141,18 @@ def main() -> None:
     res["eval"] = f"{text} held-out, {windows.numel()} tokens"
     for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
         spec = SETTINGS[setting]
-        models, times = {}, {}
         for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
             model, _ = load_model("default")
             t = time.perf_counter()
             quantize_model(model, Recipe(spec, method=m), get_method(m), calib, progress=True, swap=False)
-            times[m] = time.perf_counter() - t
-            models[m] = model
-            print(f"{setting} {m}: quantized in {times[m]:.1f} s", file=sys.stderr, flush=True)
-        orig, results = quality_many(original, models, windows)
-        res["fp32"] = orig
-        for m, r in results.items():
-            res["rows"][f"{setting}|{m}"] = {**r, "quantize_s": times[m]}
-        _save(res)
-        del models
+            elapsed = time.perf_counter() - t
+            orig, results = quality_many(original, {m: model}, windows, progress=False)
+            res["fp32"] = orig
+            res["rows"][f"{setting}|{m}"] = {**results[m], "quantize_s": elapsed, "calibration": res["calibration"]}
+            _save(res)  # one row at a time: a long run can be stopped and resumed by setting/method
+            print(f"{setting} {m}: quantized in {elapsed:.1f} s, ppl {results[m]['perplexity']:.3f} "
+                  f"(fp32 {orig['perplexity']:.3f}), KL {results[m]['kl']:.4f}", file=sys.stderr, flush=True)
+            del model
     print_table(res)
 
 

@@ -123,3 +123,19 @@ def test_every_width_and_odd_group_size(bits):
     res = gptq(W, spec, H, act_order=True, block_size=40)
     assert torch.equal(res.qweight.dequantize(), res.dequantized)
     assert res.error < output_error(W, quantize(W, spec).dequantize(), H)
+
+
+def test_fixed_group_params_from_clip_search():
+    from lowbit.algorithms import awq
+
+    W, X, H = _layer()
+    spec = QuantSpec(2, symmetric=False, group_size=64)
+    shrink, _ = awq.search_clip(W, None, spec, H=H)
+    params = awq.apply_clip(W, spec, shrink)
+    res = gptq(W, spec, H, act_order=True, group_params=params)
+    assert res.qweight.g_idx is None
+    assert torch.equal(res.qweight.scale, params[0])
+    assert torch.equal(res.qweight.dequantize(), res.dequantized)
+    assert res.error < gptq(W, spec, H, act_order=True).error
+    with pytest.raises(LowbitError, match="group_params"):
+        gptq(W, spec, H, group_params=(params[0][:, :2], params[1]))

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from lowbit.algorithms.threads import one_thread
 from lowbit.core.groups import to_groups
 from lowbit.core.qparams import choose_qparams
 from lowbit.core.quantize import quantize_codes, dequantize
@@ -159,7 +160,11 @@ def search_clip(W: torch.Tensor, X: torch.Tensor | None, spec: QuantSpec, *, H: 
     """
     if spec.granularity == "tensor":
         raise LowbitError("search_clip works per channel or per group, not per tensor")
-    W = W.float()
+    with one_thread():
+        return _search_clip(W.float(), X, spec, H, n_grid, max_shrink)
+
+
+def _search_clip(W, X, spec, H, n_grid, max_shrink):
     rows, cols = W.shape
     spec.check_shape(rows, cols)
     gs = spec.group_size if spec.granularity == "group" else cols

@@ -88,17 +88,24 @@ class _Base:
 
 class GPTQ(_Base):
     """Options: damp (0.01), block_size (128), act_order (True), static_groups (True),
-    rounding ('minmax' or 'hqq': how each group's scale/zero are chosen)."""
+    clip (True: each group's scale/zero from the output-aware range-shrink search, fixed up front),
+    max_shrink (0.5), rounding ('minmax' or 'hqq': per-group parameters chosen as GPTQ goes)."""
 
     name = "gptq"
 
     def _gptq(self, name, W, spec, stats, qparams_fn=None):
         o = self.options
+        H = stats.H
+        group_params = None
         if qparams_fn is None and o.get("rounding", "minmax") == "hqq":
             qparams_fn = hqq.qparams_fn()
-        res = gptq.gptq(W, spec, stats.H, block_size=int(o.get("block_size", 128)), damp=float(o.get("damp", 0.01)),
+        elif o.get("clip", True) and spec.dtype == "int" and spec.granularity in ("group", "channel"):
+            # static group parameters from the output-aware clip search (AWQ's), then GPTQ rounding
+            shrink, _ = awq.search_clip(W, None, spec, H=H, max_shrink=float(o.get("max_shrink", 0.5)))
+            group_params = awq.apply_clip(W, spec, shrink)
+        res = gptq.gptq(W, spec, H, block_size=int(o.get("block_size", 128)), damp=float(o.get("damp", 0.01)),
                         act_order=bool(o.get("act_order", True)), static_groups=bool(o.get("static_groups", True)),
-                        qparams_fn=qparams_fn, name=name)
+                        qparams_fn=qparams_fn, name=name, group_params=group_params)
         self.layer_errors[name] = res.error
         log.debug("%s: gptq relative output error %.4g (damp %g)", name, res.error, res.damp)
         return res.qweight

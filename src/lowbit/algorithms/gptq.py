@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.algorithms.hessian import HessianAccumulator, output_error
+from lowbit.algorithms.threads import one_thread
 from lowbit.core.formats import codebook, nearest_code
 from lowbit.core.qparams import choose_qparams
 from lowbit.core.quantize import QuantizedWeight
@@ -95,23 +96,20 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
 
 def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int = 128, damp: float = 0.01,
          act_order: bool = False, static_groups: bool = True, qparams_fn: QParamsFn | None = None,
-         name: str = "weight") -> GPTQResult:
+         name: str = "weight", group_params: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> GPTQResult:
     """Full GPTQ run; see `quantize_weight` for the arguments.
 
-    Runs on one intra-op thread: the column loop is thousands of small ops and the matrices are
-    at most a few thousand wide, where OpenMP barriers cost more than they save (measured 4-20x
-    slower with two threads on a busy two-core machine). The caller's thread count is restored.
+    group_params: (scale, zero) [rows, n_groups] fixed up front (e.g. from AWQ's clip search),
+    used instead of `qparams_fn`; groups then follow the original column order (static).
+
+    Runs on one intra-op thread (see `threads.one_thread`).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _gptq(W, spec, H, block_size=block_size, damp=damp, act_order=act_order,
-                     static_groups=static_groups, qparams_fn=qparams_fn, name=name)
-    finally:
-        torch.set_num_threads(threads)
+                     static_groups=static_groups, qparams_fn=qparams_fn, name=name, group_params=group_params)
 
 
-def _gptq(W, spec, H, *, block_size, damp, act_order, static_groups, qparams_fn, name) -> GPTQResult:
+def _gptq(W, spec, H, *, block_size, damp, act_order, static_groups, qparams_fn, name, group_params) -> GPTQResult:
     _check(W, H, spec, name)
     qparams_fn = qparams_fn or minmax_qparams
     rows, cols = W.shape
@@ -130,7 +128,14 @@ def _gptq(W, spec, H, *, block_size, damp, act_order, static_groups, qparams_fn,
 
     # parameters fixed up front: per-channel / per-tensor, or static groups on the original order
     fixed_scale = fixed_zero = None
-    if not grouped:
+    if group_params is not None:
+        fixed_scale, fixed_zero = group_params
+        if tuple(fixed_scale.shape) != (rows, n_groups) and tuple(fixed_scale.shape) != (1, n_groups):
+            raise LowbitError(f"{name}: group_params scale has shape {tuple(fixed_scale.shape)}, expected ({rows}, {n_groups})")
+        if (fixed_zero is None) != (spec.symmetric or spec.dtype != "int"):
+            raise LowbitError(f"{name}: group_params zero must be None exactly when the spec is symmetric")
+        static_groups = True
+    elif not grouped:
         fixed_scale, fixed_zero = qparams_fn(W, spec)
     elif act_order and static_groups:
         params = [qparams_fn(W[:, g * gs:(g + 1) * gs], spec) for g in range(n_groups)]
@@ -149,7 +154,7 @@ def _gptq(W, spec, H, *, block_size, damp, act_order, static_groups, qparams_fn,
     # group of each processed column (in processing order)
     if not grouped:
         col_group = torch.zeros(cols, dtype=torch.long)
-    elif act_order and static_groups:
+    elif act_order and (static_groups or group_params is not None):
         col_group = perm // gs
     else:
         col_group = torch.arange(cols) // gs
@@ -178,7 +183,7 @@ def _gptq(W, spec, H, *, block_size, damp, act_order, static_groups, qparams_fn,
             j = i1 + i
             g = int(col_group[j])
             if g != cur_g:
-                if grouped and not (act_order and static_groups) and j % gs == 0:
+                if fixed_scale is None and j % gs == 0:
                     sg, zg = qparams_fn(W[:, j:j + gs], spec)
                     scale_out[:, g:g + 1] = sg.float().reshape(-1, 1)
                     if zero_out is not None:

@@ -16,6 +16,7 @@ import dataclasses
 
 import torch
 
+from lowbit.algorithms.threads import one_thread
 from lowbit.core.groups import as_2d, to_groups
 from lowbit.core.qparams import EPS
 from lowbit.core.quantize import QuantizedWeight
@@ -47,6 +48,12 @@ def optimize_params(W: torch.Tensor, spec: QuantSpec, *, p: float = 0.7, iters: 
                     kappa: float = 1.01, optimize_scale: bool | None = None,
                     name: str = "weight") -> tuple[torch.Tensor, torch.Tensor | None]:
     """HQQ scale [rows|1, n_groups] and zero (float, None when symmetric) for W [rows, cols]."""
+    with one_thread():
+        return _optimize_params(W, spec, p=p, iters=iters, beta=beta, kappa=kappa,
+                                optimize_scale=optimize_scale, name=name)
+
+
+def _optimize_params(W, spec, *, p, iters, beta, kappa, optimize_scale, name):
     if spec.dtype != "int":
         raise LowbitError(f"{name}: HQQ optimises integer grids; dtype={spec.dtype} is not supported")
     if spec.granularity == "token":
