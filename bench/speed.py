@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -57,30 +58,26 @@ def mem_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def decode_tps(model, ids, new_tokens: int, reps: int) -> tuple[float, list[int]]:
+def time_decode(model, ids, new_tokens: int) -> tuple[float, list[int]]:
+    """Seconds per decoded token (the prompt's prefill subtracted) and the generated ids."""
     kw = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
-    model.generate(ids, **kw)  # warm-up (compiles when compiled decode is on)
-    out, best = None, 0.0
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = model.generate(ids, **kw)
-        dt = time.perf_counter() - t0
-        # subtract the prompt's prefill so this is the per-token decode rate
-        t1 = time.perf_counter()
-        model(ids)
-        dt -= time.perf_counter() - t1
-        best = max(best, new_tokens / dt)
-    return best, out[0, ids.shape[1]:].tolist()
-
-
-def prefill_tps(model, ids, reps: int) -> float:
+    t0 = time.perf_counter()
+    out = model.generate(ids, **kw)
+    dt = time.perf_counter() - t0
+    t1 = time.perf_counter()
     model(ids)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(ids)
-        best = min(best, time.perf_counter() - t0)
-    return ids.shape[1] / best
+    dt -= time.perf_counter() - t1
+    return dt / new_tokens, out[0, ids.shape[1]:].tolist()
+
+
+def time_prefill(model, ids) -> float:
+    t0 = time.perf_counter()
+    model(ids)
+    return (time.perf_counter() - t0) / ids.shape[1]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def main():
@@ -88,7 +85,7 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     args = ap.parse_args()
@@ -99,19 +96,30 @@ def main():
     base.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     long_ids = torch.randint(100, 40000, (1, args.prefill), generator=torch.Generator().manual_seed(0))
-    results = {}
+    results, models = {}, {}
     with torch.inference_mode():
         for name in args.variants.split(","):
             spec, head, bf16, compiled = VARIANTS[name]
-            model = build(base, spec, head, bf16, compiled)
-            dec, toks = decode_tps(model, ids, args.new_tokens, args.reps)
-            pre = prefill_tps(model, long_ids, args.reps)
-            results[name] = {"decode_tokens_per_s": dec, "prefill_tokens_per_s": pre, "memory_bytes": mem_bytes(model),
-                             "spec": None if spec is None else spec.describe(), "lm_head_quantized": head,
-                             "rest_bf16": bf16, "compiled_decode": compiled, "first_tokens": toks[:16]}
-            print(f"{name:26s} decode {dec:7.1f} tok/s  prefill {pre:8.1f} tok/s  mem {mem_bytes(model) / 2**20:6.0f} MiB",
-                  flush=True)
-            del model
+            models[name] = build(base, spec, head, bf16, compiled)
+            _, toks = time_decode(models[name], ids, args.new_tokens)  # warm-up; compiles when asked
+            time_prefill(models[name], long_ids)
+            results[name] = {"decode_s_per_token": float("inf"), "prefill_s_per_token": float("inf"),
+                             "memory_bytes": mem_bytes(models[name]), "spec": None if spec is None else spec.describe(),
+                             "lm_head_quantized": head, "rest_bf16": bf16, "compiled_decode": compiled,
+                             "first_tokens": toks[:16]}
+            log(f"built {name}")
+        # round-robin repetitions so load from other jobs on the machine hits every variant alike
+        for rep in range(args.reps):
+            for name, model in models.items():
+                r = results[name]
+                r["decode_s_per_token"] = min(r["decode_s_per_token"], time_decode(model, ids, args.new_tokens)[0])
+                r["prefill_s_per_token"] = min(r["prefill_s_per_token"], time_prefill(model, long_ids))
+            log(f"rep {rep + 1}/{args.reps} done")
+    for name, r in results.items():
+        r["decode_tokens_per_s"] = 1 / r.pop("decode_s_per_token")
+        r["prefill_tokens_per_s"] = 1 / r.pop("prefill_s_per_token")
+        print(f"{name:26s} decode {r['decode_tokens_per_s']:7.1f} tok/s  prefill {r['prefill_tokens_per_s']:8.1f} tok/s"
+              f"  mem {r['memory_bytes'] / 2**20:6.0f} MiB", flush=True)
     ref = results.get("fp32")
     if ref:
         for r in results.values():
