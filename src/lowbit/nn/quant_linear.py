@@ -27,8 +27,10 @@ from lowbit.nn import dequant, int4_layout
 from lowbit.spec import QuantSpec
 
 BF16 = torch.bfloat16
-# Measured crossover (bench/kernel_crossover.py): kernels win below ~32 rows, dequant+bf16 GEMM above.
-KERNEL_MAX_ROWS = {"int4": 24, "int8": 48}
+# Measured crossover (bench/kernel_crossover.py, results/kernel_crossover.json): with compiled dequant,
+# dequant + bf16 GEMM overtakes the int4 kernel at ~48-64 rows (1536x576: 978 vs 1052 us at 48,
+# 1290 vs 1055 at 64) and the int8 kernel at ~16-24 rows (526 vs 443 us at 24).
+KERNEL_MAX_ROWS = {"int4": 48, "int8": 20}
 
 
 def choose_path(spec: QuantSpec, out_features: int, in_features: int, has_g_idx: bool) -> str:
