@@ -169,11 +169,11 @@ def test_lm_head_shape():
     m = QuantLinear.from_quantized(qw, compile_dequant=False)
     assert m.path == "int4"
     assert m.bits_per_weight() == pytest.approx(5.0)
+    wd = qw.dequantize()
     x = torch.randn(1, 1, k)
-    ref = x @ qw.dequantize().T
-    assert _rel(m(x), ref) < 1e-2
-    x = torch.randn(1, 40, k)
-    assert _rel(m(x), x @ qw.dequantize().T) < 1e-2
+    assert _rel(m(x), x @ wd.T) < 1e-2
+    m.kernel_max_rows = 0  # the dequant + bf16 GEMM path, without a 49152 x 64 test input
+    assert _rel(m(x), x @ wd.T) < 1e-2
 
 
 def test_compiled_dequant_matches_eager(built):
