@@ -12,7 +12,8 @@ def int_specs(draw, bits=st.integers(2, 8)):
     sym = draw(st.booleans())
     gran = draw(st.sampled_from(["tensor", "channel", "group"]))
     gs = draw(st.sampled_from([4, 8, 16, 32])) if gran == "group" else None
-    return QuantSpec(bits=b, dtype="int", symmetric=sym, granularity=gran, group_size=gs)
+    izero = draw(st.booleans())
+    return QuantSpec(bits=b, dtype="int", symmetric=sym, granularity=gran, group_size=gs, integer_zero=izero)
 
 
 @st.composite

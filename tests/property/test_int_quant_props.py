@@ -1,12 +1,13 @@
 """Properties of integer quantization: range, error bound, idempotence, symmetric zero."""
 
 import torch
+
 from hypothesis import given
 from hypothesis import strategies as st
 from prop_strategies import int_specs, matrices
 
 from lowbit.core import choose_qparams, dequantize, quantize, quantize_codes
-from lowbit.core.groups import expand_params
+from lowbit.core.groups import expand_params, to_groups
 
 
 @st.composite
@@ -55,11 +56,20 @@ def test_symmetric_means_zero_point_none_and_zero_maps_to_zero(sx):
         assert zero is None
         z = quantize_codes(torch.zeros_like(x), scale, zero, spec)
         assert bool((z == 0).all())
-    else:
+    elif spec.integer_zero:
         assert zero is not None and torch.equal(zero, torch.round(zero))
         # 0.0 is exactly representable (its code is the zero point)
         z = quantize_codes(torch.zeros_like(x), scale, zero, spec)
         assert bool((dequantize(z, scale, zero, spec) == 0).all())
+    else:
+        # float zero point: each group's min and max are the end codes, both (nearly) exact
+        qw = quantize(x, spec)
+        g = to_groups(x, spec)
+        dq = to_groups(qw.dequantize(), spec)
+        span = (g.amax(-1) - g.amin(-1)).clamp_min(1e-30)
+        tol = 1e-5 * (span + g.abs().amax(-1))
+        assert bool(((dq.amin(-1) - g.amin(-1)).abs() <= tol).all())
+        assert bool(((dq.amax(-1) - g.amax(-1)).abs() <= tol).all())
 
 
 @given(spec_and_x(), st.sampled_from([0.5, 0.8, 1.0]))

@@ -29,6 +29,6 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None =
             inside = (x2 >= lo - s / 2) & (x2 <= hi + s / 2)
         else:
             inside = torch.ones_like(x2, dtype=torch.bool)
-    out = x2 + (xq - x2).detach()
-    out = torch.where(inside, out, out.detach())
+    out = xq + (x2 - x2.detach())  # forward: exactly xq; backward: gradient 1
+    out = torch.where(inside, out, xq)
     return out.reshape(shape)

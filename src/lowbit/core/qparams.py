@@ -20,11 +20,13 @@ def range_to_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) ->
     if spec.symmetric:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
         return (absmax / spec.qmax).clamp_min(EPS), None
-    xmin = xmin.clamp(max=0)
-    xmax = xmax.clamp(min=0)
+    if spec.integer_zero:
+        xmin = xmin.clamp(max=0)
+        xmax = xmax.clamp(min=0)
+        scale = ((xmax - xmin) / (spec.qmax - spec.qmin)).clamp_min(EPS)
+        return scale, torch.round(-xmin / scale).clamp(spec.qmin, spec.qmax)
     scale = ((xmax - xmin) / (spec.qmax - spec.qmin)).clamp_min(EPS)
-    zero = torch.round(-xmin / scale).clamp(spec.qmin, spec.qmax)
-    return scale, zero
+    return scale, -xmin / scale
 
 
 def choose_qparams(x: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:

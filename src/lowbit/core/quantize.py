@@ -29,10 +29,10 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     x2 = as_2d(x).float()
     s = expand_params(scale.float(), x2.shape, spec, g_idx)
     if spec.dtype == "int":
-        q = torch.round(x2 / s)
-        if zero is not None:
+        q = x2 / s
+        if zero is not None:  # round(x/s + z): the same as round(x/s) + z for an integer zero point
             q = q + expand_params(zero.float(), x2.shape, spec, g_idx)
-        return q.clamp(spec.qmin, spec.qmax).to(_codes_dtype(spec))
+        return torch.round(q).clamp(spec.qmin, spec.qmax).to(_codes_dtype(spec))
     if spec.is_codebook:
         return nearest_code(x2 / s, codebook(spec.dtype))
     fp8 = FP8_DTYPES[spec.dtype]
