@@ -18,12 +18,14 @@ from lowbit.spec import QuantSpec
 log = logging.getLogger(__name__)
 
 
-def make_spec(bits: int, group_size: int | None, symmetric: bool, dtype: str = "int") -> QuantSpec:
+def make_spec(bits: int, group_size: int | None, symmetric: bool, dtype: str = "int",
+              integer_zero: bool = False) -> QuantSpec:
     if not 2 <= bits <= 8:
         raise LowbitError(f"--bits {bits} is outside 2..8")
+    common = dict(bits=bits, dtype=dtype, symmetric=symmetric, integer_zero=integer_zero)
     if group_size is None or group_size <= 0:
-        return QuantSpec(bits=bits, dtype=dtype, symmetric=symmetric, granularity="channel")
-    return QuantSpec(bits=bits, dtype=dtype, symmetric=symmetric, granularity="group", group_size=group_size)
+        return QuantSpec(granularity="channel", **common)
+    return QuantSpec(granularity="group", group_size=group_size, **common)
 
 
 def quantize(model_source: str, out: str | Path | None, recipe: Recipe, *, calib_text: str = "pydoc",

@@ -67,3 +67,19 @@ def test_quantized_head_shrinks_model(smol, eval_ids):
     ref, res = quality_pair(original, q, eval_ids[:2], progress=False)
     assert res["kl"] < 0.02
     assert memory_bytes(q) < 0.5 * memory_bytes(original)
+
+
+def test_source_format_is_lossless_with_float_zero_points(smol, eval_ids):
+    """The weights are dequantized Q4_1 (asym 4-bit, blocks of 32, float min): RTN at that setting
+    must reproduce them; integer zero points cannot (each group shifts by up to half a step)."""
+    original = smol[0]
+    lossless = rtn(original, QuantSpec(bits=4, group_size=32, symmetric=False))
+    w = original.model.layers[5].mlp.down_proj.weight
+    from lowbit.core import quantize
+    qw = quantize(w, QuantSpec(bits=4, group_size=32, symmetric=False))
+    assert (qw.dequantize() - w).abs().max() < 1e-3 * w.abs().max()
+    intzero = rtn(original, QuantSpec(bits=4, group_size=32, symmetric=False, integer_zero=True))
+    _, a = quality_pair(original, lossless, eval_ids[:2], progress=False)
+    _, b = quality_pair(original, intzero, eval_ids[:2], progress=False)
+    assert a["kl"] < 0.01 and a["top1_agreement"] > 0.97
+    assert b["kl"] > 5 * a["kl"]
