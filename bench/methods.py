@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -93,9 +94,13 @@ def _load_results() -> dict:
 
 
 def _save(res: dict) -> None:
+    """Merge into the stored file (re-read first, so concurrent runs on other settings keep their rows)."""
     OUT.parent.mkdir(exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
+    stored = _load_results()
+    stored.update({k: v for k, v in res.items() if k != "rows"})
+    stored["rows"].update(res.get("rows", {}))
+    tmp = OUT.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(stored, indent=2))
     tmp.replace(OUT)
 
 
