@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import DynamicCache
 
 from lowbit.kv import KIVI, QJL, PolarQuant, QuantizedKVCache, TurboQuantMSE, TurboQuantProd, greedy_agreement, kv_eval
@@ -144,6 +145,7 @@ def main():
           f"{r['ip_slope_mse']:.3f}", f"{r['ip_slope_prod']:.3f}"] for r in dist]))
 
     results["quantize_speed"] = qs = quantize_speed()
+    (OUT / "kv.json").write_text(json.dumps(results, indent=2))
     print("\n## Quantize / dequantize throughput (d=64, 4 bits, CPU)\n")
     print(fmt_table(["method", "quantize vec/s", "dequantize vec/s"],
                     [[k, f"{v['quantize_vectors_per_s']:.3g}", f"{v['dequantize_vectors_per_s']:.3g}"]
@@ -162,12 +164,13 @@ def main():
     prompt = ids[0, :64]
     ref = None
     rows = []
-    for (m, b), f in facs.items():
+    for (m, b), f in tqdm(facs.items(), desc="greedy decode"):
         g = greedy_agreement(model, prompt, f, n_tokens=args.greedy_tokens, reference=ref)
         ref = g["reference"]
         rows.append({"method": m, "bits": b, **r[f"{m}@{b}"], "greedy_match": g["greedy_match"],
                      "greedy_prefix": g["greedy_prefix"]})
     results["smollm2"] = rows
+    (OUT / "kv.json").write_text(json.dumps(results, indent=2))  # partial results survive a long speed run
     print(f"\n## SmolLM2-135M, {ids.numel()} held-out tokens ({args.windows}x{args.seq_len}), "
           f"fp perplexity {rows[0]['perplexity_fp']:.3f}, greedy over {args.greedy_tokens} tokens\n")
     print(fmt_table(["method", "bits", "KV bits/coord", "mem ratio", "ppl", "Δppl %", "KL", "top-1",
