@@ -29,9 +29,12 @@ SETTINGS = {
     "W8 per-channel": QuantSpec(bits=8, granularity="channel"),
     "W4 g64 sym": QuantSpec(bits=4, group_size=64),
     "W4 g64 asym": QuantSpec(bits=4, group_size=64, symmetric=False),
+    "W4 g64 asym, float zero": QuantSpec(bits=4, group_size=64, symmetric=False, integer_zero=False),
     "W3 g64 asym": QuantSpec(bits=3, group_size=64, symmetric=False),
+    "W3 g64 asym, float zero": QuantSpec(bits=3, group_size=64, symmetric=False, integer_zero=False),
     "W2 g64 asym": QuantSpec(bits=2, group_size=64, symmetric=False),
-    "W4 g32 asym (source format, not a quality figure)": QuantSpec(bits=4, group_size=32, symmetric=False),
+    "W4 g32 asym, float zero (source format: lossless)": QuantSpec(bits=4, group_size=32, symmetric=False,
+                                                                    integer_zero=False),
 }
 
 

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def make_spec(bits: int, group_size: int | None, symmetric: bool, dtype: str = "int",
-              integer_zero: bool = False) -> QuantSpec:
+              integer_zero: bool = True) -> QuantSpec:
     if not 2 <= bits <= 8:
         raise LowbitError(f"--bits {bits} is outside 2..8")
     common = dict(bits=bits, dtype=dtype, symmetric=symmetric, integer_zero=integer_zero)

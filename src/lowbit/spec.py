@@ -17,10 +17,10 @@ class QuantSpec:
     granularity: "tensor" (one scale), "channel" (one per row), "token" (one per row of an
     activation, same arithmetic as "channel"), "group" (one per row per `group_size` columns).
     Codebook dtypes (nf4, fp4) are symmetric absmax-scaled; fp8 uses torch's float8 dtypes.
-    Asymmetric zero points are floats by default (w = (q - z) * s with z = -min/s, so a group's min
-    and max are both exact, as in llama.cpp's Q4_1, HQQ and torch's int4 kernel);
-    `integer_zero=True` rounds z to an integer code and widens the range to include 0, as GPTQ /
-    AutoAWQ layouts require.
+    Asymmetric zero points are integer codes by default, with the range widened to include 0 (so 0
+    is exact, as GPTQ / AutoAWQ layouts require); `integer_zero=False` keeps z = -min/s as a float,
+    so a group's min and max are both exact (llama.cpp's Q4_1, HQQ, torch's int4 kernel). Measured
+    on SmolLM2 (bench/rtn_quality.py): integer zeros win at 3 bits, float zeros reproduce Q4_1.
     """
 
     bits: int = 4
@@ -28,7 +28,7 @@ class QuantSpec:
     symmetric: bool = True
     granularity: str = "group"
     group_size: int | None = 64
-    integer_zero: bool = False
+    integer_zero: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -45,8 +45,8 @@ class QuantSpec:
             raise LowbitError(f"dtype={self.dtype} is 8-bit; got bits={self.bits}")
         if self.dtype != "int" and not self.symmetric:
             raise LowbitError(f"dtype={self.dtype} is symmetric only; drop --asym")
-        if self.integer_zero and self.symmetric:
-            object.__setattr__(self, "integer_zero", False)  # symmetric: the zero point is 0 anyway
+        if self.symmetric or self.dtype != "int":
+            object.__setattr__(self, "integer_zero", True)  # the zero point is 0 anyway
         if self.granularity == "group":
             if self.group_size is None or self.group_size < 1:
                 raise LowbitError(f"group_size={self.group_size} must be a positive integer for granularity='group'")
@@ -83,7 +83,7 @@ class QuantSpec:
         if self.dtype != "int":
             base = self.dtype.upper()
         else:
-            base = f"int{self.bits} {'sym' if self.symmetric else ('asym-intzero' if self.integer_zero else 'asym')}"
+            base = f"int{self.bits} {'sym' if self.symmetric else ('asym' if self.integer_zero else 'asym-fz')}"
         if self.granularity == "group":
             return f"{base} g{self.group_size}"
         return f"{base} per-{self.granularity}"

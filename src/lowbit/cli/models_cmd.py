@@ -19,8 +19,8 @@ def register(app: typer.Typer) -> None:
         group_size: int = typer.Option(64, help="group size along the input dimension; 0 = per channel"),
         sym: bool = typer.Option(True, "--sym/--asym", help="symmetric or asymmetric integers"),
         dtype: str = typer.Option("int", help="int | nf4 | fp4 | fp8_e4m3 | fp8_e5m2"),
-        integer_zero: bool = typer.Option(False, "--integer-zero",
-                                          help="asymmetric: round zero points to integers (GPTQ/AWQ layouts)"),
+        float_zero: bool = typer.Option(False, "--float-zero",
+                                        help="asymmetric: float zero points (group min exact, as Q4_1/HQQ)"),
         recipe: Optional[Path] = typer.Option(None, help="YAML recipe (overrides --method/--bits/...)"),
         quantize_head: bool = typer.Option(False, "--quantize-head", help="also quantize lm_head"),
         ignore: list[str] = typer.Option([], help="regex of module names to keep in full precision"),
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         if recipe is not None:
             r = load_recipe(recipe)
         else:
-            spec = api.make_spec(bits, group_size, sym, dtype, integer_zero)
+            spec = api.make_spec(bits, group_size, sym, dtype, integer_zero=not float_zero)
             r = Recipe(spec=spec, method=method, ignore=tuple(ignore), quantize_head=quantize_head)
         api.quantize(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite)
         typer.echo(f"saved {out}")
