@@ -161,6 +161,8 @@ def main():
     ids = eval_windows(tok, text, seq_len=args.seq_len, max_windows=args.windows)
     facs = {(m, b): (lambda m=m, b=b: QuantizedKVCache(m, b, cfg, window=args.window)) for m in METHODS for b in BITS}
     r = kv_eval(model, ids, {f"{m}@{b}": f for (m, b), f in facs.items()})
+    results["smollm2"] = [{"method": m, "bits": b, **r[f"{m}@{b}"]} for (m, b) in facs]
+    (OUT / "kv.json").write_text(json.dumps(results, indent=2))
     prompt = ids[0, :64]
     ref = None
     rows = []
