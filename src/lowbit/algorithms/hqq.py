@@ -77,6 +77,9 @@ def _optimize_params(W, spec, *, p, iters, beta, kappa, optimize_scale, name):
     best_a, best_z = a.clone(), z.clone()
     q, xr = recon(a, z)
     best_err = (x - xr).abs().pow(p).sum(dim=-1, keepdim=True)
+    # symmetric grids only move the scale, and the lp-optimal scale can shrink past outliers
+    # that matter: there, accept an iterate for a group only if its l2 error is no worse either
+    l2_cap = ((x - xr) ** 2).sum(dim=-1, keepdim=True) if spec.symmetric else None
     for _ in range(iters):
         xe = _shrink(x - xr, beta, p)
         t = x - xe  # what the quantized grid should reproduce
@@ -99,6 +102,8 @@ def _optimize_params(W, spec, *, p, iters, beta, kappa, optimize_scale, name):
         q, xr = recon(a, z)
         err = (x - xr).abs().pow(p).sum(dim=-1, keepdim=True)
         better = err < best_err
+        if l2_cap is not None:
+            better &= ((x - xr) ** 2).sum(dim=-1, keepdim=True) <= l2_cap
         if not bool(better.any()):
             break
         best_a = torch.where(better, a, best_a)
