@@ -121,8 +121,9 @@ def print_table(res: dict) -> None:
                 continue
             d = r["perplexity"] - fp["perplexity"]
             ratio = f"{d / (rtn['perplexity'] - fp['perplexity']):.2f}" if rtn else "-"
+            top1 = f"{r['top1_agreement']:.3f}" if r.get('top1_agreement') is not None else '-'
             print(f"| {setting} | {m} | {r['perplexity']:.3f} | {100 * d / fp['perplexity']:+.2f}% | {ratio} | "
-                  f"{r['kl']:.4f} | {r['top1_agreement']:.3f} |")
+                  f"{r['kl']:.4f} | {top1} |")
     if "timing" in res:
         t = res["timing"]
         print(f"\nGPTQ W4 g64 sym, {t['samples']}x{t['seq_len']} calibration, {t['threads']} threads: "
