@@ -150,3 +150,16 @@ def test_calibration_is_block_and_group_sequential(tiny_dir):
     plain, _ = load_model(tiny_dir)
     quantize_model(plain, Recipe(preset("W2G64")), get_method("rtn"), progress=False, swap=False)
     assert torch.equal(plain.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
+
+
+def test_gptq_checkpoint_reports_layer_error_beside_floor(tiny_dir, tmp_path):
+    recipe = Recipe(QuantSpec(bits=3, group_size=64, symmetric=False), method="gptq", options={"act_order": False})
+    quantize(str(tiny_dir), tmp_path / "g", recipe, n_samples=4, seq_len=64, progress=False)
+    layers = read_manifest(tmp_path / "g")["layers"]
+    assert len(layers) == 14
+    for info in layers.values():
+        assert info["error_floor"] == pytest.approx(4.0 ** -3, rel=1e-4)
+        assert 0 < info["rel_error"] < 1
+    r = subprocess.run([sys.executable, "-c", "from lowbit.cli import main; main()", "inspect", str(tmp_path / "g")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "rel.err  floor" in r.stdout and "0.0156" in r.stdout

@@ -60,8 +60,11 @@ def read_quantized(tensors: dict, name: str, spec: QuantSpec, shape: tuple[int, 
 
 
 def save_checkpoint(model, tokenizer, out: str | Path, *, method: str, source: str, overwrite: bool = False,
-                    extra: dict | None = None) -> Path:
-    """Write the (already swapped) quantized model atomically to `out`."""
+                    extra: dict | None = None, layer_extra: dict | None = None) -> Path:
+    """Write the (already swapped) quantized model atomically to `out`.
+
+    `layer_extra` adds per-layer manifest entries (e.g. rel_error and error_floor).
+    """
     from lowbit import __version__
     from lowbit.nn import QuantLinear
 
@@ -75,7 +78,7 @@ def save_checkpoint(model, tokenizer, out: str | Path, *, method: str, source: s
             tensors.update(quantized_tensors(name, qw, mod.bias))
             qnames.add(name)
             layers[name] = {"spec": qw.spec.to_dict(), "shape": list(qw.shape),
-                            "bits_per_weight": round(mod.bits_per_weight(), 4)}
+                            "bits_per_weight": round(mod.bits_per_weight(), 4), **(layer_extra or {}).get(name, {})}
     tied = getattr(model.config, "tie_word_embeddings", False)
     for key, value in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
