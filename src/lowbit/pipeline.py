@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.calibration.capture import BlockInputs, StopForward, capture_first_block_inputs, run_block
+from lowbit.calibration.resume import fingerprint, load_state, save_state
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
@@ -74,10 +75,11 @@ def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs
 
 
 def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None = None,
-                   progress: bool = True, swap: bool = True) -> dict[str, QuantizedWeight]:
+                   progress: bool = True, swap: bool = True, state_dir=None) -> dict[str, QuantizedWeight]:
     """Quantize `model` in place per `recipe` with `method`; returns {name: QuantizedWeight}.
 
-    With swap=True every quantized Linear is replaced by a packed QuantLinear.
+    With swap=True every quantized Linear is replaced by a packed QuantLinear. With `state_dir`,
+    a calibrated run saves its state after each block and resumes from it (bit-identical).
     """
     arch = arch_for(model)
     plan = recipe.plan(model, arch)
@@ -91,7 +93,21 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
         if calib_ids is None or calib_ids.numel() == 0:
             raise LowbitError(f"method {recipe.method!r} needs calibration text; none was given")
         inputs, block_kwargs = capture_first_block_inputs(model, arch, calib_ids)
-    bar = tqdm(range(len(blocks)), desc=f"{recipe.method} blocks", disable=not progress, unit="block")
+    start = 0
+    fp = None
+    if state_dir is not None and inputs is not None:
+        fp = fingerprint(recipe, calib_ids, model)
+        state = load_state(state_dir, fp)
+        if state is not None:
+            for name, qw in state["qweights"].items():
+                get_module(model, name).weight.data.copy_(qw.dequantize(get_module(model, name).weight.dtype))
+            qweights.update(state["qweights"])
+            if hasattr(method, "layer_errors"):
+                method.layer_errors.update(state["layer_errors"])
+            inputs = BlockInputs(state["hidden"], inputs.kwargs)
+            start = state["block"] + 1
+    bar = tqdm(range(start, len(blocks)), desc=f"{recipe.method} blocks", disable=not progress, unit="block",
+               initial=start, total=len(blocks))
     for i in bar:
         prefix = f"{arch.blocks}.{i}"
         block = blocks[i]
@@ -99,6 +115,8 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
             inputs = BlockInputs(inputs.hidden, block_kwargs[i])
             qweights.update(_calibrated_block(method, block, prefix, arch, plan, inputs))
             inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
+            if fp is not None:
+                save_state(state_dir, i, fp, qweights, inputs.hidden, getattr(method, "layer_errors", None))
         else:
             for n in arch.linears:
                 full = f"{prefix}.{n}"

@@ -9,6 +9,7 @@ import torch
 
 from lowbit.algorithms.registry import get_method
 from lowbit.api import quantize
+from lowbit.errors import LowbitError
 from lowbit.io.checkpoint import load_checkpoint, read_manifest
 from lowbit.models import load_model
 from lowbit.nn import QuantLinear
@@ -163,3 +164,36 @@ def test_gptq_checkpoint_reports_layer_error_beside_floor(tiny_dir, tmp_path):
     r = subprocess.run([sys.executable, "-c", "from lowbit.cli import main; main()", "inspect", str(tmp_path / "g")],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "rel.err  floor" in r.stdout and "0.0156" in r.stdout
+
+
+def test_interrupted_gptq_run_resumes_bit_identically(tiny_dir, tmp_path):
+    ids = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(2))
+    recipe = Recipe(QuantSpec(bits=3, group_size=64), method="gptq")
+
+    def run(state_dir, fail_at=None):
+        model, _ = load_model(tiny_dir)
+        method = get_method("gptq")
+        if fail_at is not None:
+            inner = method.quantize_linear
+
+            def quantize_linear(name, W, spec, stats):
+                if name.startswith(f"model.layers.{fail_at}."):
+                    raise KeyboardInterrupt
+                return inner(name, W, spec, stats)
+
+            method.quantize_linear = quantize_linear
+        return quantize_model(model, recipe, method, ids, progress=False, swap=False, state_dir=state_dir)
+
+    reference = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "state", fail_at=1)
+    assert (tmp_path / "state" / "calibration_state.pt").is_file()
+    resumed = run(tmp_path / "state")
+    assert sorted(resumed) == sorted(reference)
+    for name, qw in reference.items():
+        assert torch.equal(qw.codes, resumed[name].codes) and torch.equal(qw.scale, resumed[name].scale), name
+    with pytest.raises(LowbitError, match="different model, recipe or calibration"):
+        run_other = Recipe(QuantSpec(bits=4, group_size=64), method="gptq")
+        model, _ = load_model(tiny_dir)
+        quantize_model(model, run_other, get_method("gptq"), ids, progress=False, swap=False,
+                       state_dir=tmp_path / "state")

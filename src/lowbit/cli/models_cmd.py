@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         samples: int = typer.Option(64, help="calibration samples"),
         seq_len: int = typer.Option(512, help="calibration sample length in tokens"),
         overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+        state_dir: Optional[Path] = typer.Option(None, help="calibrated methods: save state after each block "
+                                                           "here and resume an interrupted run from it"),
     ):
         """Quantize MODEL and save it in lowbit's format."""
         from lowbit import api
@@ -38,7 +40,8 @@ def register(app: typer.Typer) -> None:
         else:
             spec = api.make_spec(bits, group_size, sym, dtype, integer_zero=not float_zero)
             r = Recipe(spec=spec, method=method, ignore=tuple(ignore), quantize_head=quantize_head)
-        api.quantize(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite)
+        api.quantize(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite,
+                     state_dir=state_dir)
         typer.echo(f"saved {out}")
 
     @app.command("eval")
