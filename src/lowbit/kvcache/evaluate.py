@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
+from ..eval.quality import logprob_stats
 from .cache import QuantizedKVCache
 
 __all__ = ["kv_eval", "greedy_agreement", "cache_factory"]
@@ -43,15 +44,14 @@ def kv_eval(model, windows: torch.Tensor, factories: dict[str, Callable], progre
         ref = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0, :-1]
         ref = ref.float().log_softmax(-1)
         nll_ref += -ref.gather(-1, labels[:, None]).sum().item()
-        ref_top = ref.argmax(-1)
         n_tok += labels.numel()
         for name, make in factories.items():
             cache = make()
             lq = model(ids, past_key_values=cache, use_cache=True).logits[0, :-1].float().log_softmax(-1)
+            stats = logprob_stats(ref, lq, labels)
             a = acc[name]
-            a["nll"] += -lq.gather(-1, labels[:, None]).sum().item()
-            a["kl"] += (ref.exp() * (ref - lq)).sum().item()
-            a["top1"] += (lq.argmax(-1) == ref_top).sum().item()
+            for key in ("nll", "kl", "top1"):
+                a[key] += stats[key]
             mem = cache.memory_report() if hasattr(cache, "memory_report") else {}
             a["bytes"] += mem.get("kv_bytes", 0)
             a["fp16"] += mem.get("fp16_bytes", 0)

@@ -7,17 +7,13 @@ from torch import nn
 from lowbit.errors import LowbitError
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise LowbitError(f"model has no submodule {name!r}") from None
-
-
 def replace_linear(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Replace the submodule at dotted `name` (e.g. "model.layers.0.mlp.up_proj") with `new`; returns the old one."""
     parent_name, _, child = name.rpartition(".")
-    parent = get_module(model, parent_name) if parent_name else model
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        raise LowbitError(f"model has no submodule {name!r}") from None
     old = getattr(parent, child, None)
     if old is None:
         raise LowbitError(f"model has no submodule {name!r}")
