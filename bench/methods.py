@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lowbit.algorithms.registry import get_method
-from lowbit.calibration import calibration_batches, eval_windows, load_text
+from lowbit.calibration import calibration_batches, eval_windows, load_text, load_text_or_pydoc
 from lowbit.models import load_model
 from lowbit.pipeline import quantize_model
 from lowbit.recipe import Recipe
@@ -160,11 +160,7 @@ def main() -> None:
             print_table(res)
             return
 
-    text = args.text
-    try:
-        split = load_text(text)
-    except Exception:
-        text, split = "pydoc", load_text("pydoc")
+    text, split = load_text_or_pydoc(args.text)
     original, tok = load_model("default")
     windows = eval_windows(tok, split.evaluation, args.seq_len, args.windows)
     calib = calibration_batches(tok, load_text("pydoc").calibration, args.samples, args.seq_len)

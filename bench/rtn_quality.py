@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lowbit.algorithms.registry import get_method
-from lowbit.calibration import eval_windows, load_text
+from lowbit.calibration import eval_windows, load_text_or_pydoc
 from lowbit.eval.quality import quality_many
 from lowbit.eval.size import bits_per_weight, memory_bytes
 from lowbit.models import load_model
@@ -46,11 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-    text = args.text
-    try:
-        split = load_text(text)
-    except Exception:
-        text, split = "pydoc", load_text("pydoc")
+    text, split = load_text_or_pydoc(args.text)
     original, tok = load_model("default")
     windows = eval_windows(tok, split.evaluation, args.seq_len, args.windows)
     models = {}

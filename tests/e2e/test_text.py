@@ -38,3 +38,12 @@ def test_calibration_windows_deterministic(smol):
     a = calibration_batches(smol[1], text, 4, 64, seed=1)
     b = calibration_batches(smol[1], text, 4, 64, seed=1)
     assert a.shape == (4, 64) and (a == b).all()
+
+
+def test_benchmark_text_falls_back_to_pydoc(tmp_path):
+    from lowbit.calibration import load_text_or_pydoc
+
+    name, split = load_text_or_pydoc(str(tmp_path / "missing.txt"))
+    assert name == "pydoc" and split == load_text("pydoc")
+    (tmp_path / "a.txt").write_text("word " * 400)
+    assert load_text_or_pydoc(str(tmp_path / "a.txt"))[0] == str(tmp_path / "a.txt")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".rst", ".md")
 DEBIAN_PYDOC = Path("/usr/share/doc/python3.11-doc/html/_sources")
@@ -111,3 +114,13 @@ def split_text(documents: list[str], eval_fraction: float = 0.3) -> TextSplit:
 
 def load_text(source: str = "pydoc", eval_fraction: float = 0.3, field: str = "text") -> TextSplit:
     return split_text(load_documents(source, field), eval_fraction)
+
+
+def load_text_or_pydoc(source: str, eval_fraction: float = 0.3) -> tuple[str, TextSplit]:
+    """(name, split) of `source`, or of the stdlib pydoc text when `source` cannot be had
+    (e.g. python-docs without the Debian package): what the benchmarks evaluate on."""
+    try:
+        return source, load_text(source, eval_fraction)
+    except LowbitError as e:
+        log.warning("%s; using the stdlib pydoc text instead", e)
+        return "pydoc", load_text("pydoc", eval_fraction)
