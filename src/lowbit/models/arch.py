@@ -8,7 +8,7 @@ multiplies by (1 + weight), as in Gemma.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lowbit.errors import LowbitError
 
@@ -46,10 +46,10 @@ LLAMA = Arch(
     ),
 )
 
-GEMMA3 = Arch(
+# Gemma3: same Linears; the MLP reads the pre-feedforward norm, and RMSNorm scales by (1 + weight)
+GEMMA3 = replace(
+    LLAMA,
     name="gemma3",
-    blocks="model.layers",
-    sequential=_LLAMA_SEQ,
     smooth=(
         ("input_layernorm", (Q, K, V)),
         (V, (O,)),
