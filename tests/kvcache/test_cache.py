@@ -51,9 +51,10 @@ def test_generate_streams_decoded_tokens(tiny, method):
     assert out.shape == (2, 52)
     assert cache.get_seq_length() == 51  # the last token is never fed back
     layer = cache.layers[0]
-    # KIVI keys move in groups of 32 tokens; the others keep exactly the window in full precision
-    assert layer.keys.shape[-2] == (4 if method not in ("kivi",) else 51 - 32)
-    assert layer.quantized_length + layer.keys.shape[-2] == 51
+    # one attention-sink token stays in full precision; KIVI keys move in groups of 32 tokens, the others
+    # keep exactly the window in full precision
+    assert layer.keys.shape[-2] == (4 if method not in ("kivi",) else 51 - 1 - 32)
+    assert layer.sink + layer.quantized_length + layer.keys.shape[-2] == 51
     mem = cache.memory_report()
     assert (1.5 if method == "kivi" else 2) < mem["kv_memory_ratio"] < 16 / 3
 
@@ -116,7 +117,7 @@ def test_gemma3_sliding_layers():
     got = model.generate(x, past_key_values=cache, **kw)
     assert cache.layers[0].is_sliding and cache.quantized_layers == [0, 1]
     assert cache.layers[0].quantized_length < 20  # old tokens out of the sliding window are dropped
-    assert cache.layers[1].quantized_length == 35
+    assert cache.layers[1].quantized_length == 35 - 1  # the first token is a full-precision sink
     # teacher-forced full-precision logits of the generated text match the quantized decode's scores
     with torch.no_grad():
         ref = model(got.sequences).logits[0, 19:-1]

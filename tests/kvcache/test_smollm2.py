@@ -24,13 +24,17 @@ def test_quality_ladder_on_held_out_text(smol, windows):
     r = kv_eval(model, windows, {
         "tq4": lambda: QuantizedKVCache("turboquant", 4, cfg),
         "tq8": lambda: QuantizedKVCache("turboquant", 8, cfg),
+        "tq4-plain": lambda: QuantizedKVCache("turboquant", 4, cfg, plain=True),
     }, progress=False)
     assert r["tq8"]["kl"] < 0.005 and r["tq8"]["top1_agreement"] > 0.97
     assert abs(r["tq8"]["perplexity_change_pct"]) < 1.0
-    assert r["tq4"]["kl"] < 0.15 and r["tq4"]["top1_agreement"] > 0.8
-    # codes + fp16 norm per vector + fp16 per-head mean per layer
-    assert r["tq4"]["kv_bits_per_coordinate"] == pytest.approx(4 + 16 / 64 + 16 / 128)
-    assert r["tq4"]["kv_memory_ratio"] > 3.6
+    assert r["tq4"]["kl"] < 0.04 and r["tq4"]["top1_agreement"] > 0.83
+    # the key frame (RoPE undone, centred, rescaled) and the sink token: measured 0.026 vs 0.088 KL
+    assert r["tq4-plain"]["kl"] > 2.5 * r["tq4"]["kl"]
+    # codes + fp16 norm per vector, one fp16 sink token, fp16 key mean + key scale + value mean per head
+    n = windows.shape[1]
+    assert r["tq4"]["kv_bits_per_coordinate"] == pytest.approx(((n - 1) * (4 + 16 / 64) + 16 + 3 * 16 / 2) / n)
+    assert r["tq4"]["kv_memory_ratio"] > 3.5  # 128 tokens: the fixed side data still weighs
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..errors import LowbitError
 from .packed import Packed
 
 __all__ = ["VectorQuantizer", "ChannelSplit", "check_dim", "check_bits", "FP16_MAX"]
@@ -17,16 +18,16 @@ FP16_MAX = 65504.0
 def check_dim(dim, name: str, minimum: int = 2, multiple: int = 1) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < minimum or dim % multiple:
         cond = f"an integer >= {minimum}" + (f" divisible by {multiple}" if multiple > 1 else "")
-        raise ValueError(f"{name}: dim must be {cond}, got dim={dim!r}")
+        raise LowbitError(f"{name}: dim must be {cond}, got dim={dim!r}")
     return dim
 
 
 def check_bits(bits, name: str, lo: float, hi: float, integer: bool = False) -> float:
     if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
-        raise ValueError(f"{name}: bits must be a number, got bits={bits!r}")
+        raise LowbitError(f"{name}: bits must be a number, got bits={bits!r}")
     if not lo <= bits <= hi or (integer and bits != int(bits)):
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name}: bits must be {kind} in [{lo:g}, {hi:g}], got bits={bits!r}")
+        raise LowbitError(f"{name}: bits must be {kind} in [{lo:g}, {hi:g}], got bits={bits!r}")
     return float(bits)
 
 
@@ -53,7 +54,7 @@ class VectorQuantizer(ABC):
 
     def dequantize(self, packed: Packed) -> torch.Tensor:
         if packed.shape[-1] != self.dim:
-            raise ValueError(f"{self.name}: packed tensor has dim {packed.shape[-1]}, quantizer has dim {self.dim}")
+            raise LowbitError(f"{self.name}: packed tensor has dim {packed.shape[-1]}, quantizer has dim {self.dim}")
         return self._dequantize(packed)
 
     @abstractmethod
@@ -66,9 +67,9 @@ class VectorQuantizer(ABC):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"{self.name}: last axis of input must be dim={self.dim}, got shape {tuple(x.shape)}")
+            raise LowbitError(f"{self.name}: last axis of input must be dim={self.dim}, got shape {tuple(x.shape)}")
         if self.token_block > 1 and (x.dim() < 2 or x.shape[-2] % self.token_block):
-            raise ValueError(
+            raise LowbitError(
                 f"{self.name}: quantizes groups of {self.token_block} tokens along axis -2; "
                 f"got shape {tuple(x.shape)}"
             )
@@ -98,13 +99,13 @@ class ChannelSplit(VectorQuantizer):
         lo = int(math.floor(bits))
         n_hi = int(round((bits - lo) * dim))
         if not 0 < n_hi < dim:
-            raise ValueError(f"{name}: bits={bits} on dim={dim} does not split into two channel groups")
+            raise LowbitError(f"{name}: bits={bits} on dim={dim} does not split into two channel groups")
         if outlier_channels is None:
             hi_idx = torch.arange(n_hi)
         else:
             hi_idx = torch.as_tensor(outlier_channels, dtype=torch.long).flatten().unique()
             if len(hi_idx) != n_hi or hi_idx.min() < 0 or hi_idx.max() >= dim:
-                raise ValueError(
+                raise LowbitError(
                     f"{name}: outlier_channels must be {n_hi} distinct channel indices in [0, {dim}) for bits={bits}"
                 )
         mask = torch.zeros(dim, dtype=torch.bool)

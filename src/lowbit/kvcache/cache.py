@@ -7,7 +7,9 @@ import logging
 
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
+from ..errors import LowbitError
 from .cache_layer import QuantizedKVLayer, QuantizedSlidingKVLayer
+from .key_frame import rope_inv_freq
 from .methods import METHODS, make_kv_quantizers
 
 __all__ = ["QuantizedKVCache", "SUPPORTED_LAYER_TYPES"]
@@ -35,11 +37,24 @@ class QuantizedKVCache(Cache):
         seed: base seed of the random rotations (each layer gets its own).
         group_size: KIVI group size (tokens for keys, channels for values).
         calibrate_outliers: for fractional bits, pick the high-bit channels from the first tokens seen.
-        center: quantize keys/values around their per-head mean over the first tokens (stored in fp16);
-            exact for attention, it removes the large shared component of keys before rotation.
+        center: quantize keys/values around their per-head mean over the first tokens (stored in fp16,
+            added back on read); it removes the large shared component of keys before rotation.
+        derotate: quantize keys with RoPE undone (frequencies from ``config``), where a channel's offset is
+            constant and ``center`` removes it; RoPE is re-applied on read, so this is exact.
+        key_scale_power: scale key channel i by ``var_i^-power`` before quantizing (fp16 scales, undone on
+            read); 0.25 narrows the spread of channel magnitudes, 0 turns it off.
         sink: first tokens of the sequence kept in full precision (attention sinks); not applied to
             sliding-window layers.
+        decode_buffer: keep a dequantized working copy of the quantized part, filled as tokens arrive, so a
+            decode step dequantizes one token instead of the whole cache.  Faster, but the copy takes model-
+            dtype memory: ``memory_report`` counts the packed storage only.
+
+    ``plain=True`` is the paper's quantizer applied as is: center, derotate, key_scale_power and sink
+    off (each may still be set explicitly).
     """
+
+    #: the refinements ``plain=True`` turns off, with their defaults
+    REFINEMENTS = {"center": True, "derotate": True, "key_scale_power": 0.25, "sink": 1}
 
     def __init__(
         self,
@@ -53,19 +68,34 @@ class QuantizedKVCache(Cache):
         seed: int = 0,
         group_size: int = 32,
         calibrate_outliers: bool = True,
-        center: bool = True,
-        sink: int = 0,
+        center: bool | None = None,
+        derotate: bool | None = None,
+        key_scale_power: float | None = None,
+        sink: int | None = None,
+        decode_buffer: bool = False,
+        plain: bool = False,
     ):
         if method not in METHODS:
-            raise ValueError(f"QuantizedKVCache: unknown method={method!r}; choose one of {sorted(METHODS)}")
+            raise LowbitError(f"QuantizedKVCache: unknown method={method!r}; choose one of {sorted(METHODS)}")
+        given = {"center": center, "derotate": derotate, "key_scale_power": key_scale_power, "sink": sink}
+        opts = {k: (v if given[k] is None else given[k]) for k, v in self.REFINEMENTS.items()}
+        if plain:
+            opts = {k: (type(v)(0) if given[k] is None else given[k]) for k, v in self.REFINEMENTS.items()}
+        center, derotate, key_scale_power, sink = opts["center"], opts["derotate"], opts["key_scale_power"], opts["sink"]
         for name, val in (("window", window), ("keep_first", keep_first), ("keep_last", keep_last), ("sink", sink)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise ValueError(f"QuantizedKVCache: {name} must be a non-negative integer, got {name}={val!r}")
+                raise LowbitError(f"QuantizedKVCache: {name} must be a non-negative integer, got {name}={val!r}")
+        if isinstance(key_scale_power, bool) or not isinstance(key_scale_power, (int, float)) \
+                or not 0 <= key_scale_power <= 0.5:
+            raise LowbitError(f"QuantizedKVCache: key_scale_power must be a number in [0, 0.5], "
+                              f"got key_scale_power={key_scale_power!r}")
         # fail now, not at the first forward, on bits the method cannot serve
         make_kv_quantizers(method, 64, 64, bits, seed, group_size)
         self.method, self.bits, self.window, self.seed, self.group_size = method, float(bits), window, seed, group_size
         self.keep_first, self.keep_last, self.calibrate_outliers = keep_first, keep_last, calibrate_outliers
-        self.center, self.sink = center, sink
+        self.center, self.sink, self.derotate, self.key_scale_power = center, sink, derotate, float(key_scale_power)
+        self.decode_buffer, self.plain = decode_buffer, plain
+        self.config = config
         self.num_layers = None
         layers = []
         if config is not None:
@@ -73,7 +103,7 @@ class QuantizedKVCache(Cache):
             self.num_layers = len(layer_types)
             layers = [self._make_layer(i, t, kw) for i, (t, kw) in enumerate(zip(layer_types, per_layer_kwargs))]
         elif keep_last:
-            raise ValueError("QuantizedKVCache: keep_last needs config= (the number of layers)")
+            raise LowbitError("QuantizedKVCache: keep_last needs config= (the number of layers)")
         super().__init__(layers=layers)
 
     # -- construction ----------------------------------------------------------------------------
@@ -82,21 +112,21 @@ class QuantizedKVCache(Cache):
         text = config.get_text_config(decoder=True)
         model_type = getattr(config, "model_type", type(config).__name__)
         if getattr(config, "is_encoder_decoder", False):
-            raise ValueError(
+            raise LowbitError(
                 f"QuantizedKVCache does not support encoder-decoder models (model_type={model_type!r}); "
                 "it only serves decoder-only attention models such as Llama, Qwen, Mistral or Gemma 3"
             )
         if getattr(text, "num_hidden_layers", None) is None:
-            raise ValueError(f"QuantizedKVCache: config of model_type={model_type!r} has no num_hidden_layers")
+            raise LowbitError(f"QuantizedKVCache: config of model_type={model_type!r} has no num_hidden_layers")
         layer_types, kwargs = get_layer_types_and_kwargs(text)
         bad = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
         if bad:
-            raise ValueError(
+            raise LowbitError(
                 f"QuantizedKVCache does not support the attention of model_type={model_type!r}: layer types {bad} "
                 f"(supported: {list(SUPPORTED_LAYER_TYPES)}). Use transformers' DynamicCache for this model."
             )
         if getattr(text, "kv_lora_rank", None) or getattr(text, "q_lora_rank", None):
-            raise ValueError(
+            raise LowbitError(
                 f"QuantizedKVCache does not support multi-head latent attention (model_type={model_type!r})"
             )
         return layer_types, kwargs
@@ -113,10 +143,12 @@ class QuantizedKVCache(Cache):
                 return DynamicSlidingWindowLayer(**kwargs)
             return DynamicLayer()
         make = functools.partial(self._quantizers_for, idx)
+        inv_freq = rope_inv_freq(self.config, layer_type) if self.derotate else None
+        extra = dict(inv_freq=inv_freq, key_scale_power=self.key_scale_power, decode_buffer=self.decode_buffer)
         if layer_type == "sliding_attention":
             return QuantizedSlidingKVLayer(make, kwargs["sliding_window"], self.window, self.calibrate_outliers,
-                                           self.center)
-        return QuantizedKVLayer(make, self.window, self.calibrate_outliers, self.center, self.sink)
+                                           self.center, **extra)
+        return QuantizedKVLayer(make, self.window, self.calibrate_outliers, self.center, self.sink, **extra)
 
     def _quantizers_for(self, idx: int, key_dim: int, value_dim: int):
         return make_kv_quantizers(self.method, key_dim, value_dim, self.bits, self.seed + 1000 * idx, self.group_size)
@@ -149,5 +181,5 @@ class QuantizedKVCache(Cache):
         }
 
     def __repr__(self) -> str:
-        return (f"QuantizedKVCache(method={self.method!r}, bits={self.bits:g}, window={self.window}, "
+        return (f"QuantizedKVCache(method={self.method!r}, bits={self.bits:g}, window={self.window}, plain={self.plain}, "
                 f"layers={len(self.layers)}, quantized={len(self.quantized_layers)})")

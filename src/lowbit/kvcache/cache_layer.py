@@ -7,6 +7,8 @@ import math
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ..errors import LowbitError
+from .key_frame import KeyFrame, fit_key_frame
 from .packed import Packed
 
 __all__ = ["QuantizedKVLayer", "QuantizedSlidingKVLayer"]
@@ -24,19 +26,25 @@ class QuantizedKVLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, make_quantizers, window: int = 0, calibrate_outliers: bool = True, center: bool = True,
-                 sink: int = 0):
+                 sink: int = 0, inv_freq: torch.Tensor | None = None, key_scale_power: float = 0.0,
+                 decode_buffer: bool = False):
         super().__init__()
         if not isinstance(window, int) or window < 0:
-            raise ValueError(f"window must be a non-negative integer, got window={window!r}")
+            raise LowbitError(f"window must be a non-negative integer, got window={window!r}")
         if not isinstance(sink, int) or sink < 0:
-            raise ValueError(f"sink must be a non-negative integer, got sink={sink!r}")
+            raise LowbitError(f"sink must be a non-negative integer, got sink={sink!r}")
         self.sink = sink
         self._sk = self._sv = None  # the first `sink` tokens (attention sinks), kept in full precision
         self._make_quantizers = make_quantizers
         self.window = window
         self.calibrate_outliers = calibrate_outliers
         self.center = center
-        self._mk = self._mv = None  # per-head channel means (fp16), subtracted before quantizing
+        self.inv_freq, self.key_scale_power = inv_freq, float(key_scale_power)
+        self.decode_buffer = decode_buffer
+        self._frame: KeyFrame | None = None  # keys: RoPE undone, mean removed, channels rescaled
+        self._mv = None  # values: per-head channel mean (fp16), subtracted before quantizing
+        self._next_pos = 0  # cache index of the first full-precision tail token
+        self._dk = self._dv = None  # decode buffer: the packed part, dequantized once on arrival
         self.cumulative_length = 0
         self.key_quantizer = self.value_quantizer = None
         self._pk: Packed | None = None
@@ -61,7 +69,8 @@ class QuantizedKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self._pk = self._pv = self._mk = self._mv = self._sk = self._sv = None
+        self._pk = self._pv = self._frame = self._mv = self._sk = self._sv = self._dk = self._dv = None
+        self._next_pos = 0
 
     # -- the hot path ----------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -73,6 +82,10 @@ class QuantizedKVLayer(DynamicLayer):
         self._flush()
         return self._read()
 
+    def _packed_positions(self) -> torch.Tensor:
+        n = self.quantized_length
+        return torch.arange(self._next_pos - n, self._next_pos, device=self.keys.device)
+
     def _flush(self) -> None:
         have = 0 if self._sk is None else self._sk.shape[-2]
         if have < self.sink:
@@ -81,18 +94,21 @@ class QuantizedKVLayer(DynamicLayer):
             self._sk = k if self._sk is None else torch.cat([self._sk, k], dim=-2)
             self._sv = v if self._sv is None else torch.cat([self._sv, v], dim=-2)
             self.keys, self.values = self.keys[..., take:, :], self.values[..., take:, :]
+            self._next_pos += take
         n_move = self.keys.shape[-2] - self.window
         n_move -= n_move % self.block
         if n_move <= 0:
             return
         k, v = self.keys[..., :n_move, :], self.values[..., :n_move, :]
-        if self._pk is None and self.center:
-            # softmax(q·k) ignores a shift shared by all keys, and Σ p v moves by the same shift: quantizing
-            # the residual around the first tokens' mean costs 2·d fp16 per head and removes the common part
-            self._mk = k.float().mean(-2, keepdim=True).half()
-            self._mv = v.float().mean(-2, keepdim=True).half()
-        if self._mk is not None:
-            k, v = k - self._mk.to(k.dtype), v - self._mv.to(v.dtype)
+        pos = torch.arange(self._next_pos, self._next_pos + n_move, device=k.device)
+        if self._pk is None:
+            # fitted once on the first tokens: softmax(q·k) ignores a shift shared by all keys and Σ p v
+            # moves by the value shift, but both are added back exactly, so this only moves error around
+            self._frame = fit_key_frame(k, pos, self.inv_freq, self.center, self.key_scale_power)
+            if self.center:
+                self._mv = v.float().mean(-2, keepdim=True).half()
+        k = self._frame.to_frame(k, pos)
+        v = v.float() - self._mv.float() if self._mv is not None else v
         if self._pk is None and self.calibrate_outliers:
             # fractional bits: the first tokens decide which channels get the extra bit
             if hasattr(self.key_quantizer, "with_outliers_from"):
@@ -103,6 +119,18 @@ class QuantizedKVLayer(DynamicLayer):
         self._pk = pk if self._pk is None else self._pk.cat(pk)
         self._pv = pv if self._pv is None else self._pv.cat(pv)
         self.keys, self.values = self.keys[..., n_move:, :], self.values[..., n_move:, :]
+        self._next_pos += n_move
+        if self.decode_buffer:
+            dk, dv = self._dequantize(pk, pv, pos)
+            self._dk = dk if self._dk is None else torch.cat([self._dk, dk], dim=-2)
+            self._dv = dv if self._dv is None else torch.cat([self._dv, dv], dim=-2)
+
+    def _dequantize(self, pk: Packed, pv: Packed, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dk = self._frame.from_frame(self.key_quantizer.dequantize(pk), pos).to(self.dtype)
+        dv = self.value_quantizer.dequantize(pv)
+        if self._mv is not None:
+            dv = dv + self._mv.float()
+        return dk, dv.to(self.dtype)
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._read_body()
@@ -113,18 +141,20 @@ class QuantizedKVLayer(DynamicLayer):
     def _read_body(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pk is None:
             return self.keys, self.values
-        dk = self.key_quantizer.dequantize(self._pk).to(self.dtype)
-        dv = self.value_quantizer.dequantize(self._pv).to(self.dtype)
-        if self._mk is not None:
-            dk, dv = dk + self._mk.to(self.dtype), dv + self._mv.to(self.dtype)
+        if self._dk is not None:
+            dk, dv = self._dk, self._dv
+        else:
+            dk, dv = self._dequantize(self._pk, self._pv, self._packed_positions())
         return torch.cat([dk, self.keys], dim=-2), torch.cat([dv, self.values], dim=-2)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def storage(self) -> dict:
         """Bytes held (packed + full-precision tail counted at 16 bits) and the fp16 equivalent."""
         packed = 0 if self._pk is None else self._pk.nbytes + self._pv.nbytes
-        if self._mk is not None:
-            packed += 2 * (self._mk.numel() + self._mv.numel())
+        if self._frame is not None:
+            packed += self._frame.nbytes
+        if self._mv is not None:
+            packed += 2 * self._mv.numel()
         tail = 2 * (self.keys.numel() + self.values.numel()) if self.is_initialized else 0
         if self._sk is not None:
             tail += 2 * (self._sk.numel() + self._sv.numel())
@@ -137,9 +167,13 @@ class QuantizedKVLayer(DynamicLayer):
         if self._sk is not None:
             self._sk = self._sk.index_select(0, fn.to(self._sk.device))
             self._sv = self._sv.index_select(0, fn.to(self._sv.device))
-        if self._mk is not None:
-            self._mk = self._mk.index_select(0, fn.to(self._mk.device))
+        if self._frame is not None:
+            self._frame = self._frame.index_select(fn)
+        if self._mv is not None:
             self._mv = self._mv.index_select(0, fn.to(self._mv.device))
+        if self._dk is not None:
+            self._dk = self._dk.index_select(0, fn.to(self._dk.device))
+            self._dv = self._dv.index_select(0, fn.to(self._dv.device))
         if self.is_initialized:
             self.keys = self.keys.index_select(0, fn.to(self.keys.device))
             self.values = self.values.index_select(0, fn.to(self.values.device))
@@ -159,7 +193,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
-            raise ValueError("crop expects a negative number of tokens to remove, as DynamicLayer.crop")
+            raise LowbitError("crop expects a negative number of tokens to remove, as DynamicLayer.crop")
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
@@ -167,10 +201,13 @@ class QuantizedKVLayer(DynamicLayer):
         if n > tail:
             cut = n - tail
             if self._pk is None or cut > self.quantized_length:
-                raise ValueError(f"cannot crop {n} tokens: that reaches the full-precision attention sinks")
+                raise LowbitError(f"cannot crop {n} tokens: that reaches the full-precision attention sinks")
             if cut % self.block:
-                raise ValueError(f"cannot crop {n} tokens: the quantized part is stored in groups of {self.block}")
+                raise LowbitError(f"cannot crop {n} tokens: the quantized part is stored in groups of {self.block}")
             self._pk, self._pv = self._pk.drop_back(cut), self._pv.drop_back(cut)
+            if self._dk is not None:
+                self._dk, self._dv = self._dk[..., :-cut, :], self._dv[..., :-cut, :]
+            self._next_pos -= cut
             n = tail
         self.keys, self.values = self.keys[..., : tail - n, :], self.values[..., : tail - n, :]
         self.cumulative_length -= -tokens_to_remove
@@ -182,8 +219,10 @@ class QuantizedSlidingKVLayer(QuantizedKVLayer):
     is_sliding = True
 
     def __init__(self, make_quantizers, sliding_window: int, window: int = 0, calibrate_outliers: bool = True,
-                 center: bool = True):
-        super().__init__(make_quantizers, window, calibrate_outliers, center, sink=0)
+                 center: bool = True, inv_freq: torch.Tensor | None = None, key_scale_power: float = 0.0,
+                 decode_buffer: bool = False):
+        super().__init__(make_quantizers, window, calibrate_outliers, center, 0, inv_freq, key_scale_power,
+                         decode_buffer)
         self.sliding_window = sliding_window
         self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
 
@@ -197,6 +236,8 @@ class QuantizedSlidingKVLayer(QuantizedKVLayer):
         excess -= excess % self.block
         if excess > 0:
             self._pk, self._pv = self._pk.drop_front(excess), self._pv.drop_front(excess)
+            if self._dk is not None:
+                self._dk, self._dv = self._dk[..., excess:, :], self._dv[..., excess:, :]
         return keys[..., -visible:, :], values[..., -visible:, :]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

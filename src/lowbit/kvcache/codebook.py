@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 from scipy import stats
+from ..errors import LowbitError
 
 __all__ = ["lloyd_max", "sphere_codebook", "polar_angle_codebook", "Codebook"]
 
@@ -50,7 +51,7 @@ def lloyd_max(samples: np.ndarray, bits: int, iters: int = 300, tol: float = 1e-
     Uses prefix sums so each iteration costs O(levels · log n).  Returns (levels, mse).
     """
     if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8 for a Lloyd-Max codebook, got bits={bits}")
+        raise LowbitError(f"bits must be in 1..8 for a Lloyd-Max codebook, got bits={bits}")
     s = np.sort(np.asarray(samples, dtype=np.float64))
     n = len(s)
     k = 1 << bits
@@ -90,9 +91,9 @@ def sphere_codebook(dim: int, bits: int) -> Codebook:
     returned ``mse`` is then exactly D_mse = E‖x - x̂‖² for unit vectors.
     """
     if not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"dim must be an integer >= 2 for the rotated-sphere codebook, got dim={dim!r}")
+        raise LowbitError(f"dim must be an integer >= 2 for the rotated-sphere codebook, got dim={dim!r}")
     if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8 for a codebook, got bits={bits!r}")
+        raise LowbitError(f"bits must be an integer in 1..8 for a codebook, got bits={bits!r}")
     x = 2.0 * _beta_quantiles((dim - 1) / 2.0) - 1.0
     z = x * math.sqrt(dim)
     levels, mse = lloyd_max(z, bits)
@@ -109,9 +110,9 @@ def polar_angle_codebook(level: int, bits: int) -> Codebook:
     ψ = atan(r₂ / r₁) ∈ [0, π/2] with sin²ψ ~ Beta(k/2, k/2).  ``mse`` is in radians².
     """
     if not isinstance(level, int) or level < 1:
-        raise ValueError(f"level must be an integer >= 1, got level={level!r}")
+        raise LowbitError(f"level must be an integer >= 1, got level={level!r}")
     if not isinstance(bits, int) or not 0 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 0..8 for an angle codebook, got bits={bits!r}")
+        raise LowbitError(f"bits must be an integer in 0..8 for an angle codebook, got bits={bits!r}")
     if level == 1:
         k = 1 << bits
         step = 2 * math.pi / k

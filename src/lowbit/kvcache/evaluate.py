@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
+from ..errors import LowbitError
 from ..eval.quality import logprob_stats
 from .cache import QuantizedKVCache
 
@@ -33,7 +34,7 @@ def kv_eval(model, windows: torch.Tensor, factories: dict[str, Callable], progre
     reference (``DynamicCache``) is computed once per window and shared by all factories.
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be [n, seq_len >= 2] token ids, got shape {tuple(windows.shape)}")
+        raise LowbitError(f"windows must be [n, seq_len >= 2] token ids, got shape {tuple(windows.shape)}")
     device = next(model.parameters()).device
     acc = {name: {"nll": 0.0, "kl": 0.0, "top1": 0, "bytes": 0, "fp16": 0, "bits": 0.0} for name in factories}
     nll_ref, n_tok = 0.0, 0

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..errors import LowbitError
 from .base import ChannelSplit, VectorQuantizer, check_bits, check_dim
 from .packed import Packed
 from .packing import pack_bits, unpack_bits
@@ -34,9 +35,9 @@ class KIVI(VectorQuantizer):
         self.dim = check_dim(dim, "KIVI", minimum=1)
         self.bits = check_bits(bits, "KIVI", 1, 8)
         if mode not in ("key", "value"):
-            raise ValueError(f"KIVI: mode must be 'key' or 'value', got mode={mode!r}")
+            raise LowbitError(f"KIVI: mode must be 'key' or 'value', got mode={mode!r}")
         if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"KIVI: group_size must be a positive integer, got group_size={group_size!r}")
+            raise LowbitError(f"KIVI: group_size must be a positive integer, got group_size={group_size!r}")
         self.mode, self.group_size, self.seed = mode, group_size, int(seed)
         self._split = None
         if self.bits != int(self.bits):
@@ -46,7 +47,7 @@ class KIVI(VectorQuantizer):
             self.token_block = self._split.token_block
             return
         if mode == "value" and dim % group_size:
-            raise ValueError(f"KIVI: dim={dim} must be divisible by group_size={group_size} for per-token values")
+            raise LowbitError(f"KIVI: dim={dim} must be divisible by group_size={group_size} for per-token values")
         self.int_bits = int(self.bits)
         self.token_block = group_size if mode == "key" else 1
 

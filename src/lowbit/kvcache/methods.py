@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import LowbitError
 from .base import VectorQuantizer
 from .kivi import KIVI
 from .polarquant import PolarQuant
@@ -25,7 +26,7 @@ def make_kv_quantizers(
 ) -> tuple[VectorQuantizer, VectorQuantizer]:
     """Build the key and value quantizers of one cache layer."""
     if method not in METHODS:
-        raise ValueError(f"unknown KV method {method!r}; choose one of {sorted(METHODS)}")
+        raise LowbitError(f"unknown KV method {method!r}; choose one of {sorted(METHODS)}")
     if method == "turboquant":
         return TurboQuantMSE(key_dim, bits, seed), TurboQuantMSE(value_dim, bits, seed + 1)
     if method == "turboquant-prod":

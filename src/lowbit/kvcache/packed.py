@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from ..errors import LowbitError
 
 __all__ = ["Packed"]
 
@@ -44,9 +45,9 @@ class Packed:
     def cat(self, other: "Packed") -> "Packed":
         """Append ``other`` along the token axis (``-2``); both must come from the same quantizer."""
         if self.shape[:-2] != other.shape[:-2] or self.shape[-1] != other.shape[-1]:
-            raise ValueError(f"cannot append packed tensors of shapes {self.shape} and {other.shape}")
+            raise LowbitError(f"cannot append packed tensors of shapes {self.shape} and {other.shape}")
         if self.fields.keys() != other.fields.keys():
-            raise ValueError("cannot append packed tensors produced by different quantizers")
+            raise LowbitError("cannot append packed tensors produced by different quantizers")
         fields = {k: torch.cat([v, other.fields[k]], dim=-2) for k, v in self.fields.items()}
         shape = (*self.shape[:-2], self.shape[-2] + other.shape[-2], self.shape[-1])
         return Packed(fields, shape, self.dtype, dict(self.meta))
@@ -54,7 +55,7 @@ class Packed:
     def index_select(self, dim: int, index: torch.Tensor) -> "Packed":
         """Select along a leading (batch) axis — used for beam search reordering."""
         if dim < 0 or dim >= len(self.shape) - 2:
-            raise ValueError(f"index_select only supports leading batch axes, got dim={dim}")
+            raise LowbitError(f"index_select only supports leading batch axes, got dim={dim}")
         fields = {k: v.index_select(dim, index.to(v.device)) for k, v in self.fields.items()}
         shape = list(self.shape)
         shape[dim] = len(index)
@@ -78,6 +79,6 @@ class Packed:
             rows = v.shape[-2]
             group = t // rows if rows else 1
             if start % group or stop % group:
-                raise ValueError(f"cannot cut packed field {k!r} (groups of {group} tokens) at tokens {start}:{stop}")
+                raise LowbitError(f"cannot cut packed field {k!r} (groups of {group} tokens) at tokens {start}:{stop}")
             fields[k] = v[..., start // group : stop // group, :]
         return Packed(fields, (*self.shape[:-2], stop - start, self.shape[-1]), self.dtype, dict(self.meta))

@@ -8,13 +8,14 @@ first, code after code, so any width 1..8 packs without gaps.
 from __future__ import annotations
 
 import torch
+from ..errors import LowbitError
 
 __all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
 
 
 def _check_bits(bits: int) -> None:
     if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8 to bit-pack, got bits={bits!r}")
+        raise LowbitError(f"bits must be an integer in 1..8 to bit-pack, got bits={bits!r}")
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -59,11 +60,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     lead = packed.shape[:-1]
     expected = packed_nbytes(n, bits)
     if packed.shape[-1] != expected:
-        raise ValueError(
+        raise LowbitError(
             f"packed tensor has {packed.shape[-1]} bytes per vector, expected {expected} for n={n}, bits={bits}"
         )
     if packed.dtype != torch.uint8:
-        raise ValueError(f"packed tensor must be uint8, got {packed.dtype}")
+        raise LowbitError(f"packed tensor must be uint8, got {packed.dtype}")
     if bits == 8:
         return packed.long()
     mask = (1 << bits) - 1

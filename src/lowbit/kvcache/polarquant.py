@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..errors import LowbitError
 from .base import FP16_MAX, VectorQuantizer, check_bits, check_dim
 from .codebook import polar_angle_codebook
 from .packed import Packed
@@ -67,11 +68,11 @@ class PolarQuant(VectorQuantizer):
         if levels is None:
             levels = max_levels
         if not isinstance(levels, int) or not 1 <= levels <= max_levels:
-            raise ValueError(f"PolarQuant: levels must be an integer in 1..{max_levels} for dim={dim}, got {levels!r}")
+            raise LowbitError(f"PolarQuant: levels must be an integer in 1..{max_levels} for dim={dim}, got {levels!r}")
         self.levels, self.seed = levels, int(seed)
         self.level_bits = allocate_angle_bits(dim, levels, int(round(self.bits * dim)))
         if self.level_bits[0] == 0:
-            raise ValueError(f"PolarQuant: bits={bits} leaves no bits for the level-1 angles; use bits >= 1")
+            raise LowbitError(f"PolarQuant: bits={bits} leaves no bits for the level-1 angles; use bits >= 1")
         self.codebooks = [polar_angle_codebook(lvl + 1, b) for lvl, b in enumerate(self.level_bits)]
         self.rotation = random_rotation(dim, self.seed)
 

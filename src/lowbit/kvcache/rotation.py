@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from ..errors import LowbitError
 
 __all__ = ["random_rotation", "gaussian_matrix"]
 
@@ -13,7 +14,7 @@ __all__ = ["random_rotation", "gaussian_matrix"]
 def random_rotation(dim: int, seed: int) -> torch.Tensor:
     """Haar-distributed orthogonal ``[dim, dim]`` matrix from the QR of a seeded Gaussian matrix."""
     if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got dim={dim!r}")
+        raise LowbitError(f"dim must be a positive integer, got dim={dim!r}")
     g = torch.Generator().manual_seed(int(seed))
     a = torch.randn(dim, dim, generator=g, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
@@ -25,6 +26,6 @@ def random_rotation(dim: int, seed: int) -> torch.Tensor:
 def gaussian_matrix(rows: int, dim: int, seed: int) -> torch.Tensor:
     """i.i.d. N(0, 1) ``[rows, dim]`` matrix (the QJL sketch)."""
     if rows < 1 or dim < 1:
-        raise ValueError(f"sketch shape must be positive, got rows={rows}, dim={dim}")
+        raise LowbitError(f"sketch shape must be positive, got rows={rows}, dim={dim}")
     g = torch.Generator().manual_seed(int(seed) + 0x5EED)
     return torch.randn(rows, dim, generator=g, dtype=torch.float32)

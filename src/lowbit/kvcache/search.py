@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import LowbitError
 from .base import VectorQuantizer
 
 __all__ = ["recall_at_k", "search"]
@@ -12,9 +13,9 @@ __all__ = ["recall_at_k", "search"]
 def search(queries: torch.Tensor, database: torch.Tensor, k: int = 10, chunk: int = 4096) -> torch.Tensor:
     """Indices ``[n_queries, k]`` of the largest inner products ``<q, x>``."""
     if queries.shape[-1] != database.shape[-1]:
-        raise ValueError(f"queries have dim {queries.shape[-1]}, database has dim {database.shape[-1]}")
+        raise LowbitError(f"queries have dim {queries.shape[-1]}, database has dim {database.shape[-1]}")
     if not 1 <= k <= database.shape[0]:
-        raise ValueError(f"k must be in 1..{database.shape[0]} (database size), got k={k}")
+        raise LowbitError(f"k must be in 1..{database.shape[0]} (database size), got k={k}")
     out = [(q @ database.T).topk(k, dim=-1).indices for q in queries.float().split(chunk)]
     return torch.cat(out)
 

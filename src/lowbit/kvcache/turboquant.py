@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..errors import LowbitError
 from .base import FP16_MAX, ChannelSplit, VectorQuantizer, check_bits, check_dim
 from .codebook import sphere_codebook
 from .packed import Packed
@@ -48,7 +49,7 @@ class TurboQuantMSE(VectorQuantizer):
     def expected_mse(self) -> float:
         """Theoretical D_mse for unit vectors (the codebook's Lloyd-Max distortion)."""
         if self._split is not None:
-            raise ValueError("expected_mse is defined for integer bits only")
+            raise LowbitError("expected_mse is defined for integer bits only")
         return self.codebook.mse
 
     def with_outliers_from(self, x: torch.Tensor) -> "TurboQuantMSE":
@@ -89,7 +90,7 @@ class TurboQuantProd(VectorQuantizer):
         self.dim = check_dim(dim, "TurboQuantProd")
         self.bits = check_bits(bits, "TurboQuantProd", 1, 9)
         if 1 < self.bits < 2:
-            raise ValueError(f"TurboQuantProd: bits must be 1 or >= 2 (MSE stage gets bits-1), got bits={bits!r}")
+            raise LowbitError(f"TurboQuantProd: bits must be 1 or >= 2 (MSE stage gets bits-1), got bits={bits!r}")
         self.seed = int(seed)
         self.mse = None if self.bits == 1 else TurboQuantMSE(dim, self.bits - 1, seed, outlier_channels)
         self.qjl = QJL(dim, 1, seed + 7919)
