@@ -8,6 +8,7 @@
 from lowbit.kvcache.cache import QuantizedKVCache
 from lowbit.kvcache.codebook import polar_angle_codebook, sphere_codebook
 from lowbit.kvcache.evaluate import cache_factory, greedy_agreement, kv_eval
+from lowbit.kvcache.key_basis import calibrate_key_bases, key_basis_from_keys
 from lowbit.kvcache.kivi import KIVI
 from lowbit.kvcache.methods import METHODS, make_kv_quantizers
 from lowbit.kvcache.packed import Packed
@@ -18,4 +19,5 @@ from lowbit.kvcache.turboquant import TurboQuantMSE, TurboQuantProd
 __all__ = [
     "TurboQuantMSE", "TurboQuantProd", "QJL", "PolarQuant", "KIVI", "QuantizedKVCache", "Packed", "METHODS",
     "make_kv_quantizers", "sphere_codebook", "polar_angle_codebook", "kv_eval", "greedy_agreement", "cache_factory",
+    "calibrate_key_bases", "key_basis_from_keys",
 ]

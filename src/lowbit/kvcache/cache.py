@@ -45,6 +45,8 @@ class QuantizedKVCache(Cache):
             read); 0.25 narrows the spread of channel magnitudes, 0 turns it off.
         sink: first tokens of the sequence kept in full precision (attention sinks); not applied to
             sliding-window layers.
+        key_basis: one ``[kv_heads, d, d]`` orthogonal basis per layer (``calibrate_key_bases``), applied to
+            the keys after centring; model-level calibration data, not counted in the cache's bits.
         decode_buffer: keep a dequantized working copy of the quantized part, filled as tokens arrive, so a
             decode step dequantizes one token instead of the whole cache.  Faster, but the copy takes model-
             dtype memory: ``memory_report`` counts the packed storage only.
@@ -73,6 +75,7 @@ class QuantizedKVCache(Cache):
         key_scale_power: float | None = None,
         sink: int | None = None,
         decode_buffer: bool = False,
+        key_basis=None,
         plain: bool = False,
     ):
         if method not in METHODS:
@@ -82,6 +85,12 @@ class QuantizedKVCache(Cache):
         if plain:
             opts = {k: (type(v)(0) if given[k] is None else given[k]) for k, v in self.REFINEMENTS.items()}
         center, derotate, key_scale_power, sink = opts["center"], opts["derotate"], opts["key_scale_power"], opts["sink"]
+        self.key_basis = key_basis
+        if key_basis is not None and config is not None \
+                and len(key_basis) != config.get_text_config(decoder=True).num_hidden_layers:
+            raise LowbitError(f"QuantizedKVCache: key_basis must hold one [heads, d, d] basis per decoder layer "
+                              f"({config.get_text_config(decoder=True).num_hidden_layers}), got {len(key_basis)}; "
+                              "build it with lowbit.kv.calibrate_key_bases(model, windows)")
         for name, val in (("window", window), ("keep_first", keep_first), ("keep_last", keep_last), ("sink", sink)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
                 raise LowbitError(f"QuantizedKVCache: {name} must be a non-negative integer, got {name}={val!r}")
@@ -144,7 +153,9 @@ class QuantizedKVCache(Cache):
             return DynamicLayer()
         make = functools.partial(self._quantizers_for, idx)
         inv_freq = rope_inv_freq(self.config, layer_type) if self.derotate else None
-        extra = dict(inv_freq=inv_freq, key_scale_power=self.key_scale_power, decode_buffer=self.decode_buffer)
+        basis = None if self.key_basis is None else self.key_basis[idx]
+        extra = dict(inv_freq=inv_freq, key_scale_power=self.key_scale_power, decode_buffer=self.decode_buffer,
+                     key_basis=basis)
         if layer_type == "sliding_attention":
             return QuantizedSlidingKVLayer(make, kwargs["sliding_window"], self.window, self.calibrate_outliers,
                                            self.center, **extra)

@@ -27,7 +27,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def __init__(self, make_quantizers, window: int = 0, calibrate_outliers: bool = True, center: bool = True,
                  sink: int = 0, inv_freq: torch.Tensor | None = None, key_scale_power: float = 0.0,
-                 decode_buffer: bool = False):
+                 decode_buffer: bool = False, key_basis: torch.Tensor | None = None):
         super().__init__()
         if not isinstance(window, int) or window < 0:
             raise LowbitError(f"window must be a non-negative integer, got window={window!r}")
@@ -40,7 +40,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.calibrate_outliers = calibrate_outliers
         self.center = center
         self.inv_freq, self.key_scale_power = inv_freq, float(key_scale_power)
-        self.decode_buffer = decode_buffer
+        self.decode_buffer, self.key_basis = decode_buffer, key_basis
         self._frame: KeyFrame | None = None  # keys: RoPE undone, mean removed, channels rescaled
         self._mv = None  # values: per-head channel mean (fp16), subtracted before quantizing
         self._next_pos = 0  # cache index of the first full-precision tail token
@@ -104,7 +104,8 @@ class QuantizedKVLayer(DynamicLayer):
         if self._pk is None:
             # fitted once on the first tokens: softmax(q·k) ignores a shift shared by all keys and Σ p v
             # moves by the value shift, but both are added back exactly, so this only moves error around
-            self._frame = fit_key_frame(k, pos, self.inv_freq, self.center, self.key_scale_power)
+            self._frame = fit_key_frame(k, pos, self.inv_freq, self.center, self.key_scale_power,
+                                        self.key_basis)
             if self.center:
                 self._mv = v.float().mean(-2, keepdim=True).half()
         k = self._frame.to_frame(k, pos)
@@ -220,9 +221,9 @@ class QuantizedSlidingKVLayer(QuantizedKVLayer):
 
     def __init__(self, make_quantizers, sliding_window: int, window: int = 0, calibrate_outliers: bool = True,
                  center: bool = True, inv_freq: torch.Tensor | None = None, key_scale_power: float = 0.0,
-                 decode_buffer: bool = False):
+                 decode_buffer: bool = False, key_basis: torch.Tensor | None = None):
         super().__init__(make_quantizers, window, calibrate_outliers, center, 0, inv_freq, key_scale_power,
-                         decode_buffer)
+                         decode_buffer, key_basis)
         self.sliding_window = sliding_window
         self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
 
