@@ -161,3 +161,34 @@ def test_sinks_and_window_stay_exact_middle_is_quantized():
     assert layer.quantized_length == 13
     cache.crop(-7)  # through the window into the quantized part
     assert cache.get_seq_length() == 13 and layer.quantized_length == 11
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["turboquant", "kivi"])
+def test_decode_buffer_reads_what_the_packed_cache_reads(tiny, method):
+    x = ids(10, 7, batch=2)
+    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=45, min_new_tokens=45, do_sample=False,
+              pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    plain = tiny.generate(x, past_key_values=QuantizedKVCache(method, 3, tiny.config, window=3), **kw)
+    buf_cache = QuantizedKVCache(method, 3, tiny.config, window=3, decode_buffer=True)
+    buf = tiny.generate(x, past_key_values=buf_cache, **kw)
+    assert torch.equal(plain.sequences, buf.sequences)
+    assert torch.allclose(torch.cat(plain.scores), torch.cat(buf.scores), atol=1e-4)  # -inf = suppressed
+    buf_cache.crop(-5)
+    assert buf_cache.layers[0]._bk.view().shape[-2] == buf_cache.get_seq_length() == 54 - 5
+
+
+def test_decode_buffer_on_sliding_layers():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
+    model = Gemma3ForCausalLM(cfg).eval()
+    x = ids(20, 6)
+    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    a = model.generate(x, past_key_values=QuantizedKVCache("turboquant", 4, cfg), **kw)
+    b = model.generate(x, past_key_values=QuantizedKVCache("turboquant", 4, cfg, decode_buffer=True), **kw)
+    assert torch.allclose(torch.cat(a.scores), torch.cat(b.scores), atol=1e-4)

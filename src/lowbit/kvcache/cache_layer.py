@@ -10,6 +10,7 @@ from transformers.cache_utils import DynamicLayer
 from ..errors import LowbitError
 from .key_frame import KeyFrame, fit_key_frame
 from .packed import Packed
+from .token_buffer import TokenBuffer
 
 __all__ = ["QuantizedKVLayer", "QuantizedSlidingKVLayer"]
 
@@ -44,7 +45,7 @@ class QuantizedKVLayer(DynamicLayer):
         self._frame: KeyFrame | None = None  # keys: RoPE undone, mean removed, channels rescaled
         self._mv = None  # values: per-head channel mean (fp16), subtracted before quantizing
         self._next_pos = 0  # cache index of the first full-precision tail token
-        self._dk = self._dv = None  # decode buffer: the packed part, dequantized once on arrival
+        self._bk = self._bv = None  # decode buffer: what attention reads, packed tokens dequantized once
         self.cumulative_length = 0
         self.key_quantizer = self.value_quantizer = None
         self._pk: Packed | None = None
@@ -69,7 +70,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self._pk = self._pv = self._frame = self._mv = self._sk = self._sv = self._dk = self._dv = None
+        self._pk = self._pv = self._frame = self._mv = self._sk = self._sv = self._bk = self._bv = None
         self._next_pos = 0
 
     # -- the hot path ----------------------------------------------------------------------------
@@ -79,7 +80,14 @@ class QuantizedKVLayer(DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.decode_buffer:
+            if self._bk is None:
+                self._bk, self._bv = TokenBuffer(), TokenBuffer()
+            self._bk.append(key_states)
+            self._bv.append(value_states)
         self._flush()
+        if self._bk is not None:
+            return self._bk.view(), self._bv.view()
         return self._read()
 
     def _packed_positions(self) -> torch.Tensor:
@@ -117,14 +125,15 @@ class QuantizedKVLayer(DynamicLayer):
             if hasattr(self.value_quantizer, "with_outliers_from"):
                 self.value_quantizer = self.value_quantizer.with_outliers_from(v)
         pk, pv = self.key_quantizer.quantize(k), self.value_quantizer.quantize(v)
+        if self._bk is not None:  # overwrite the moved tokens' full-precision copies with what was stored
+            at = (0 if self._sk is None else self._sk.shape[-2]) + self.quantized_length
+            dk, dv = self._dequantize(pk, pv, pos)
+            self._bk.write(at, dk)
+            self._bv.write(at, dv)
         self._pk = pk if self._pk is None else self._pk.cat(pk)
         self._pv = pv if self._pv is None else self._pv.cat(pv)
         self.keys, self.values = self.keys[..., n_move:, :], self.values[..., n_move:, :]
         self._next_pos += n_move
-        if self.decode_buffer:
-            dk, dv = self._dequantize(pk, pv, pos)
-            self._dk = dk if self._dk is None else torch.cat([self._dk, dk], dim=-2)
-            self._dv = dv if self._dv is None else torch.cat([self._dv, dv], dim=-2)
 
     def _dequantize(self, pk: Packed, pv: Packed, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dk = self._frame.from_frame(self.key_quantizer.dequantize(pk), pos).to(self.dtype)
@@ -142,10 +151,7 @@ class QuantizedKVLayer(DynamicLayer):
     def _read_body(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pk is None:
             return self.keys, self.values
-        if self._dk is not None:
-            dk, dv = self._dk, self._dv
-        else:
-            dk, dv = self._dequantize(self._pk, self._pv, self._packed_positions())
+        dk, dv = self._dequantize(self._pk, self._pv, self._packed_positions())
         return torch.cat([dk, self.keys], dim=-2), torch.cat([dv, self.values], dim=-2)
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -172,9 +178,9 @@ class QuantizedKVLayer(DynamicLayer):
             self._frame = self._frame.index_select(fn)
         if self._mv is not None:
             self._mv = self._mv.index_select(0, fn.to(self._mv.device))
-        if self._dk is not None:
-            self._dk = self._dk.index_select(0, fn.to(self._dk.device))
-            self._dv = self._dv.index_select(0, fn.to(self._dv.device))
+        if self._bk is not None:
+            self._bk.index_select(fn)
+            self._bv.index_select(fn)
         if self.is_initialized:
             self.keys = self.keys.index_select(0, fn.to(self.keys.device))
             self.values = self.values.index_select(0, fn.to(self.values.device))
@@ -206,11 +212,12 @@ class QuantizedKVLayer(DynamicLayer):
             if cut % self.block:
                 raise LowbitError(f"cannot crop {n} tokens: the quantized part is stored in groups of {self.block}")
             self._pk, self._pv = self._pk.drop_back(cut), self._pv.drop_back(cut)
-            if self._dk is not None:
-                self._dk, self._dv = self._dk[..., :-cut, :], self._dv[..., :-cut, :]
             self._next_pos -= cut
             n = tail
         self.keys, self.values = self.keys[..., : tail - n, :], self.values[..., : tail - n, :]
+        if self._bk is not None:
+            self._bk.drop_back(-tokens_to_remove)
+            self._bv.drop_back(-tokens_to_remove)
         self.cumulative_length -= -tokens_to_remove
 
 
@@ -237,8 +244,9 @@ class QuantizedSlidingKVLayer(QuantizedKVLayer):
         excess -= excess % self.block
         if excess > 0:
             self._pk, self._pv = self._pk.drop_front(excess), self._pv.drop_front(excess)
-            if self._dk is not None:
-                self._dk, self._dv = self._dk[..., excess:, :], self._dv[..., excess:, :]
+            if self._bk is not None:
+                self._bk.drop_front(excess)
+                self._bv.drop_front(excess)
         return keys[..., -visible:, :], values[..., -visible:, :]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
