@@ -192,3 +192,17 @@ def test_decode_buffer_on_sliding_layers():
     a = model.generate(x, past_key_values=QuantizedKVCache("turboquant", 4, cfg), **kw)
     b = model.generate(x, past_key_values=QuantizedKVCache("turboquant", 4, cfg, decode_buffer=True), **kw)
     assert torch.allclose(torch.cat(a.scores), torch.cat(b.scores), atol=1e-4)
+
+
+def test_greedy_agreement_over_a_batch_of_prompts(tiny):
+    from lowbit.kv import greedy_agreement
+
+    prompts = ids(8, 8, batch=3)
+    exact = greedy_agreement(tiny, prompts, lambda: QuantizedKVCache("turboquant", 2, tiny.config, window=64),
+                             n_tokens=10)
+    assert exact["greedy_match"] == 1.0 and exact["greedy_prefix_per_prompt"] == [10, 10, 10]
+    r = greedy_agreement(tiny, prompts, lambda: QuantizedKVCache("turboquant", 1, tiny.config, plain=True),
+                         n_tokens=10, reference=exact["reference"])
+    assert r["reference"].shape == (3, 10)
+    assert r["greedy_match"] == pytest.approx(sum(r["greedy_match_per_prompt"]) / 3)
+    assert r["greedy_prefix"] <= 10 * r["greedy_match"] + 1e-9

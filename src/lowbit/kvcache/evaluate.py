@@ -75,22 +75,31 @@ def kv_eval(model, windows: torch.Tensor, factories: dict[str, Callable], progre
 
 
 @torch.no_grad()
-def greedy_agreement(model, prompt: torch.Tensor, make_cache: Callable, n_tokens: int = 128,
+def greedy_agreement(model, prompts: torch.Tensor, make_cache: Callable, n_tokens: int = 128,
                      reference: torch.Tensor | None = None) -> dict:
     """Greedy-decode ``n_tokens`` with the quantized cache and compare with the full-precision decode.
 
-    Returns the position-wise match fraction, the number of tokens before the first divergence, and
-    the reference continuation (pass it back in to avoid recomputing it).
+    ``prompts`` is ``[n, L]`` (equal-length prompts, decoded as one batch) or ``[L]``.  Returns the
+    position-wise match fraction over all prompts, the mean number of tokens before the first
+    divergence, both per prompt, and the reference continuations ``[n, n_tokens]`` (pass them back in
+    to avoid recomputing them).
     """
     device = next(model.parameters()).device
-    ids = prompt.reshape(1, -1).to(device)
+    ids = prompts.reshape(-1, prompts.shape[-1]).to(device)
     mask = torch.ones_like(ids)
     kw = dict(max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, attention_mask=mask,
               pad_token_id=getattr(model.generation_config, "eos_token_id", None) or 0)
     if reference is None:
-        reference = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)[0, ids.shape[1]:]
-    got = model.generate(ids, past_key_values=make_cache(), **kw)[0, ids.shape[1]:]
-    n = min(len(got), len(reference))
-    same = (got[:n] == reference[:n]).cpu()
-    first = int(n if bool(same.all()) else int((~same).nonzero()[0]))
-    return {"greedy_match": float(same.float().mean()), "greedy_prefix": first, "reference": reference}
+        reference = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)[:, ids.shape[1]:]
+    reference = reference.reshape(ids.shape[0], -1)
+    got = model.generate(ids, past_key_values=make_cache(), **kw)[:, ids.shape[1]:]
+    n = min(got.shape[1], reference.shape[1])
+    same = (got[:, :n] == reference[:, :n].to(got.device)).cpu()
+    prefix = [int(n if bool(row.all()) else int((~row).nonzero()[0])) for row in same]
+    return {
+        "greedy_match": float(same.float().mean()),
+        "greedy_prefix": sum(prefix) / len(prefix),
+        "greedy_match_per_prompt": same.float().mean(1).tolist(),
+        "greedy_prefix_per_prompt": prefix,
+        "reference": reference if prompts.dim() > 1 else reference[0],
+    }
