@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lowbit.algorithms.threads import one_thread
 from lowbit.core.groups import to_groups
 from lowbit.core.qparams import choose_qparams
 from lowbit.core.quantize import quantize_codes, dequantize
@@ -160,8 +159,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor | None, spec: QuantSpec, *, H: 
     """
     if spec.granularity == "tensor":
         raise LowbitError("search_clip works per channel or per group, not per tensor")
-    with one_thread():
-        return _search_clip(W.float(), X, spec, H, n_grid, max_shrink)
+    return _search_clip(W.float(), X, spec, H, n_grid, max_shrink)
 
 
 def _search_clip(W, X, spec, H, n_grid, max_shrink):

@@ -15,7 +15,7 @@ import torch
 from lowbit.algorithms import awq, gptq, hqq
 from lowbit.algorithms.hessian import HessianAccumulator, output_error
 from lowbit.core.qparams import choose_qparams
-from lowbit.core.quantize import QuantizedWeight, quantize_codes
+from lowbit.core.quantize import QuantizedWeight, quantize_codes, split_rows
 from lowbit.errors import LowbitError
 from lowbit.models.arch import get_module
 
@@ -93,7 +93,7 @@ class GPTQ(_Base):
 
     name = "gptq"
 
-    def _gptq(self, name, W, spec, stats, qparams_fn=None):
+    def _gptq(self, name, W, spec, stats, qparams_fn=None) -> gptq.GPTQResult:
         o = self.options
         H = stats.H
         group_params = None
@@ -108,10 +108,35 @@ class GPTQ(_Base):
                         qparams_fn=qparams_fn, name=name, group_params=group_params)
         self.layer_errors[name] = res.error
         log.debug("%s: gptq relative output error %.4g (damp %g)", name, res.error, res.damp)
-        return res.qweight
+        return res
 
     def quantize_linear(self, name, W, spec, stats):
-        return self._gptq(name, W, spec, stats)
+        return self._gptq(name, W, spec, stats).qweight
+
+    def quantize_group(self, names, weights, specs, stats) -> list[QuantizedWeight]:
+        """Linears that read the same input (shared Hessian) and share a per-channel or per-group
+        spec are stacked row-wise into one GPTQ run: rows are independent given H, so the result
+        equals separate runs while the column loop, Cholesky and clip search run once."""
+        buckets: dict = {}
+        for i, (spec, st) in enumerate(zip(specs, stats)):
+            acc = getattr(st, "acc", None)
+            stackable = acc is not None and spec.granularity in ("group", "channel")
+            buckets.setdefault((id(acc), repr(spec)) if stackable else ("alone", i), []).append(i)
+        out: list = [None] * len(names)
+        for idx in buckets.values():
+            if len(idx) == 1:
+                i = idx[0]
+                out[i] = self.quantize_linear(names[i], weights[i], specs[i], stats[i])
+                continue
+            joined = "+".join(names[i] for i in idx)
+            res = self._gptq(joined, torch.cat([weights[i] for i in idx]), specs[idx[0]], stats[idx[0]])
+            self.layer_errors.pop(joined, None)
+            sizes = [weights[i].shape[0] for i in idx]
+            nums, dens = (t.split(sizes) for t in res.row_error)
+            for i, part, num, den in zip(idx, split_rows(res.qweight, sizes), nums, dens):
+                out[i] = part
+                self.layer_errors[names[i]] = float(num.sum() / den.sum().clamp_min(1e-30))
+        return out
 
 
 class HQQ(_Base):
@@ -221,9 +246,14 @@ class AWQ(GPTQ):
                 h.remove()
         return caps
 
+    def quantize_group(self, names, weights, specs, stats):
+        if self.options.get("then", "rtn") == "gptq":
+            return super().quantize_group(names, weights, specs, stats)
+        return [self.quantize_linear(*a) for a in zip(names, weights, specs, stats)]
+
     def quantize_linear(self, name, W, spec, stats):
         if self.options.get("then", "rtn") == "gptq":
-            return self._gptq(name, W, spec, stats)
+            return self._gptq(name, W, spec, stats).qweight
         skip = tuple(self.options.get("clip_skip", ("q_proj", "k_proj")))
         if self.options.get("clip", True) and spec.granularity != "tensor" and not name.endswith(skip):
             shrink, _ = awq.search_clip(W, None, spec, H=stats.H, max_shrink=float(self.options.get("max_shrink", 0.5)),

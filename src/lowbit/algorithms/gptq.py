@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.hessian import HessianAccumulator, output_error
+from lowbit.algorithms.hessian import HessianAccumulator, output_error_rows
 from lowbit.algorithms.threads import one_thread
+from lowbit.core.finite import all_finite
 from lowbit.core.formats import codebook, nearest_code
 from lowbit.core.qparams import choose_qparams
 from lowbit.core.quantize import QuantizedWeight
@@ -53,6 +54,7 @@ class GPTQResult:
     dequantized: torch.Tensor  # the weights GPTQ settled on, original column order
     damp: float  # dampening actually used (fraction of mean diag H)
     error: float  # relative output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) against the undamped H
+    row_error: tuple[torch.Tensor, torch.Tensor]  # per-row numerator and denominator of `error`
 
 
 def _check(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str) -> None:
@@ -66,9 +68,9 @@ def _check(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str) -> None
     if spec.granularity == "token":
         raise LowbitError(f"{name}: granularity='token' is for activations; use 'channel' or 'group' for weights")
     spec.check_shape(rows, cols, name)
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         raise LowbitError(f"{name}: the weight holds NaN or Inf; cannot quantize it")
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise LowbitError(f"{name}: the Hessian holds NaN or Inf (calibration activations overflowed?)")
 
 
@@ -102,14 +104,9 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
     group_params: (scale, zero) [rows, n_groups] fixed up front (e.g. from AWQ's clip search),
     used instead of `qparams_fn`; groups then follow the original column order (static).
 
-    Runs on one intra-op thread (see `threads.one_thread`).
+    The column loop runs on one intra-op thread (see `threads.one_thread`); the factorisations
+    and products around it use all threads.
     """
-    with one_thread():
-        return _gptq(W, spec, H, block_size=block_size, damp=damp, act_order=act_order,
-                     static_groups=static_groups, qparams_fn=qparams_fn, name=name, group_params=group_params)
-
-
-def _gptq(W, spec, H, *, block_size, damp, act_order, static_groups, qparams_fn, name, group_params) -> GPTQResult:
     _check(W, H, spec, name)
     qparams_fn = qparams_fn or minmax_qparams
     rows, cols = W.shape
@@ -170,47 +167,51 @@ def _gptq(W, spec, H, *, block_size, damp, act_order, static_groups, qparams_fn,
     table = None if is_int else codebook(spec.dtype)
     qmin, qmax = float(spec.qmin), float(spec.qmax)
 
-    Qd = torch.empty(rows, cols)  # dequantized, processing order
-    C = torch.empty(rows, cols)  # codes as floats, processing order
+    # The column loop works on transposed copies [cols, rows]: each column is a contiguous row,
+    # and the rank-1 updates touch contiguous memory (measured ~5x faster than column slices).
+    WT = W.T.contiguous()
+    QdT = torch.empty(cols, rows)  # dequantized, processing order
+    CT = torch.empty(cols, rows)  # codes as floats, processing order
+    hdiag = Hinv.diagonal().tolist()
     cur_g = -1
     s = inv_s = z = None
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2]  # view: updates land in W so later groups see them
-        Err1 = torch.empty(rows, i2 - i1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            g = int(col_group[j])
-            if g != cur_g:
-                if fixed_scale is None and j % gs == 0:
-                    sg, zg = qparams_fn(W[:, j:j + gs], spec)
-                    scale_out[:, g:g + 1] = sg.float().reshape(-1, 1)
-                    if zero_out is not None:
-                        zero_out[:, g:g + 1] = zg.float().reshape(-1, 1)
-                s = scale_out[:, g]
-                inv_s = 1.0 / s
-                z = zero_out[:, g] if zero_out is not None else None
-                cur_g = g
-            w = W1[:, i]
-            if is_int:
-                q = w * inv_s
-                if z is not None:
-                    q = q + z
-                q = torch.round(q).clamp_(qmin, qmax)
-                dq = (q - z) * s if z is not None else q * s
-            else:
-                q = nearest_code(w * inv_s, table)
-                dq = table[q.long()] * s
-                q = q.float()
-            err = (w - dq) / Hinv1[i, i]
-            if i + 1 < i2 - i1:
-                W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1.0)
-            Err1[:, i] = err
-            Qd[:, j] = dq
-            C[:, j] = q
-        if i2 < cols:
-            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+    with one_thread():  # thousands of small ops: one intra-op thread is faster (threads.one_thread)
+        for i1 in range(0, cols, block_size):
+            i2 = min(i1 + block_size, cols)
+            W1 = WT[i1:i2]  # view: updates land in WT so later columns see them
+            Err1 = torch.empty(i2 - i1, rows)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = i1 + i
+                g = int(col_group[j])
+                if g != cur_g:
+                    if fixed_scale is None and j % gs == 0:
+                        sg, zg = qparams_fn(WT[j:j + gs].T, spec)
+                        scale_out[:, g:g + 1] = sg.float().reshape(-1, 1)
+                        if zero_out is not None:
+                            zero_out[:, g:g + 1] = zg.float().reshape(-1, 1)
+                    s = scale_out[:, g].contiguous()
+                    inv_s = 1.0 / s
+                    z = zero_out[:, g].contiguous() if zero_out is not None else None
+                    cur_g = g
+                w = W1[i]
+                q = CT[j]
+                if is_int:
+                    torch.mul(w, inv_s, out=q)
+                    if z is not None:
+                        q.add_(z)
+                    q.round_().clamp_(qmin, qmax)
+                    dq = torch.sub(q, z, out=QdT[j]).mul_(s) if z is not None else torch.mul(q, s, out=QdT[j])
+                else:
+                    idx = nearest_code(w * inv_s, table)
+                    dq = torch.mul(table[idx.long()], s, out=QdT[j])
+                    q.copy_(idx)
+                err = torch.sub(w, dq, out=Err1[i]).div_(hdiag[j])
+                if i + 1 < i2 - i1:
+                    W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1.0)
+            if i2 < cols:
+                WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)
+    Qd, C = QdT.T.contiguous(), CT.T.contiguous()
 
     g_idx = None
     if perm is not None:
@@ -224,7 +225,8 @@ def _gptq(W, spec, H, *, block_size, damp, act_order, static_groups, qparams_fn,
     else:
         codes = C.to(torch.uint8)
     qw = QuantizedWeight(codes, scale_out, zero_out, spec, g_idx)
-    return GPTQResult(qw, Qd, used_damp, output_error(W0, Qd, H_in))
+    num, den = output_error_rows(W0, Qd, H_in)
+    return GPTQResult(qw, Qd, used_damp, float(num.sum() / den.sum().clamp_min(1e-30)), (num, den))
 
 
 def quantize_weight(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int = 128,

@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from lowbit.algorithms.threads import one_thread
+from lowbit.core.finite import all_finite
 from lowbit.core.groups import as_2d, to_groups
 from lowbit.core.qparams import EPS
 from lowbit.core.quantize import QuantizedWeight
@@ -59,7 +60,7 @@ def _optimize_params(W, spec, *, p, iters, beta, kappa, optimize_scale, name):
     if spec.granularity == "token":
         raise LowbitError(f"{name}: granularity='token' is for activations; use 'channel' or 'group'")
     W2 = as_2d(W).float()
-    if not torch.isfinite(W2).all():
+    if not all_finite(W2):
         raise LowbitError(f"{name}: the weight holds NaN or Inf; cannot quantize it")
     spec.check_shape(*W2.shape, name)
     if optimize_scale is None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.models.arch import Arch, blocks_of
+from lowbit.models.arch import Arch, blocks_of, get_module
 
 
 class _Stop(Exception):
@@ -27,31 +27,74 @@ def _clean(kw: dict) -> dict:
     return out
 
 
-def capture_first_block_inputs(model, arch: Arch, ids: torch.Tensor, chunk: int = 8) -> tuple[BlockInputs, list[dict]]:
-    """Run the model up to block 0 on [n, seq] token ids, `chunk` samples at a time.
+def _cast(v, dtype: torch.dtype):
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.to(dtype)
+    if isinstance(v, tuple):
+        return tuple(_cast(t, dtype) for t in v)
+    return v
 
-    Returns block 0's inputs and the keyword arguments of every block (recorded on the first
-    chunk): they differ per block where layers mix attention types (Gemma3's sliding and global
-    layers get different masks and rotary embeddings).
+
+def cast_kwargs(kwargs: dict, dtype: torch.dtype) -> dict:
+    """Floating tensors among a block's keyword arguments (rotary cos/sin, additive masks) in `dtype`."""
+    return {k: _cast(v, dtype) for k, v in kwargs.items()}
+
+
+def _raise_stop(*_args):
+    raise _Stop
+
+
+def block_kwargs(model, arch: Arch, ids: torch.Tensor) -> list[dict]:
+    """The keyword arguments each block receives, recorded on one sample of `ids` [n, seq].
+
+    Every block is replaced by an identity for this pass, so no block weight is read (blocks
+    not loaded yet are fine) and the cost is the embedding alone. They differ per block where
+    layers mix attention types (Gemma3's sliding and global layers get different masks and
+    rotary embeddings). Batch-sized tensors come out with batch 1 and broadcast.
     """
     blocks = blocks_of(model, arch)
-    hidden: list[torch.Tensor] = []
     per_block: list[dict] = [{} for _ in blocks]
-    first = [True]
 
-    def make_hook(i):
-        def hook(_mod, args, kw):
-            if i == 0:
-                hidden.append((args[0] if args else kw["hidden_states"]).detach())
-            if first[0]:
-                per_block[i] = _clean(kw)
-                if i < len(blocks) - 1:
-                    return None
-            raise _Stop
+    def recorder(i):
+        def forward(hidden_states, *args, **kw):
+            per_block[i] = _clean(kw)
+            return hidden_states
 
-        return hook
+        return forward
 
-    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    for i, b in enumerate(blocks):
+        b.forward = recorder(i)
+    stop = get_module(model, arch.final_norm).register_forward_pre_hook(_raise_stop)
+    try:
+        with torch.no_grad():
+            try:
+                model(input_ids=ids[:1], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        stop.remove()
+        for b in blocks:
+            del b.forward
+    return per_block
+
+
+def capture_first_block_inputs(model, arch: Arch, ids: torch.Tensor, chunk: int = 8,
+                               dtype: torch.dtype | None = None) -> tuple[BlockInputs, list[dict]]:
+    """Run the model up to block 0 on [n, seq] token ids, `chunk` samples at a time.
+
+    Returns block 0's inputs (stored in `dtype`, default the model's) and the keyword arguments
+    of every block (see `block_kwargs`).
+    """
+    per_block = block_kwargs(model, arch, ids)
+    block0 = blocks_of(model, arch)[0]
+    hidden: list[torch.Tensor] = []
+
+    def hook(_mod, args, kw):
+        h = (args[0] if args else kw["hidden_states"]).detach()
+        hidden.append(h if dtype is None else h.to(dtype))
+        raise _Stop
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for start in range(0, ids.shape[0], chunk):
@@ -59,10 +102,8 @@ def capture_first_block_inputs(model, arch: Arch, ids: torch.Tensor, chunk: int 
                     model(input_ids=ids[start : start + chunk], use_cache=False)
                 except _Stop:
                     pass
-                first[0] = False
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     return BlockInputs(hidden, per_block[0]), per_block
 
 
@@ -82,14 +123,26 @@ class StopForward(Exception):
     """Raised by a hook to end a block's forward on a chunk once the hook has what it needs."""
 
 
+def _dtype_of(block) -> torch.dtype:
+    for p in block.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def run_block(block, inputs: BlockInputs) -> list[torch.Tensor]:
-    """Outputs of one block for every captured chunk (chunks stopped by StopForward give none)."""
+    """Outputs of one block for every captured chunk (chunks stopped by StopForward give none).
+
+    Inputs are cast to the block's dtype; outputs keep the dtype the inputs were stored in.
+    """
     outs = []
+    dtype = _dtype_of(block)
+    kwargs = cast_kwargs(inputs.kwargs, dtype)
     with torch.no_grad():
         for h in inputs.hidden:
             try:
-                out = block(h, **_kwargs_for(inputs.kwargs, h.shape[0]))
+                out = block(h.to(dtype), **_kwargs_for(kwargs, h.shape[0]))
             except StopForward:
                 continue
-            outs.append((out[0] if isinstance(out, tuple) else out).detach())
+            outs.append((out[0] if isinstance(out, tuple) else out).detach().to(h.dtype))
     return outs

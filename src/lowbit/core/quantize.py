@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.core.finite import all_finite, count_nonfinite
 from lowbit.core.formats import FP8_DTYPES, codebook, nearest_code
 from lowbit.core.groups import as_2d, expand_params
 from lowbit.core.qparams import choose_qparams
@@ -87,8 +88,25 @@ def _integral(t: torch.Tensor) -> bool:
 def quantize(x: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.0) -> QuantizedWeight:
     """Round-to-nearest quantization of a 2-D tensor with min-max parameters."""
     x2 = as_2d(x)
-    if not torch.isfinite(x2).all():
-        bad = int((~torch.isfinite(x2)).sum())
+    if not all_finite(x2):
+        bad = count_nonfinite(x2)
         raise LowbitError(f"tensor holds {bad} NaN/Inf values; cannot quantize it")
     scale, zero = choose_qparams(x2, spec, shrink)
     return QuantizedWeight(quantize_codes(x2, scale, zero, spec), scale, zero, spec)
+
+
+def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Split a QuantizedWeight of row-stacked matrices back into its parts (row counts `sizes`)."""
+    if sum(sizes) != qw.codes.shape[0]:
+        raise LowbitError(f"split_rows: sizes {sizes} do not add up to {qw.codes.shape[0]} rows")
+    parts, start = [], 0
+
+    def rows(t, sl):
+        return None if t is None else (t[sl].clone() if t.shape[0] > 1 else t.clone())
+
+    for n in sizes:
+        sl = slice(start, start + n)
+        parts.append(QuantizedWeight(qw.codes[sl].clone(), rows(qw.scale, sl), rows(qw.zero, sl), qw.spec,
+                                     None if qw.g_idx is None else qw.g_idx.clone()))
+        start += n
+    return parts
