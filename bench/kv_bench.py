@@ -1,8 +1,11 @@
 """KV-cache / vector quantization benchmark: distortion, SmolLM2 quality, memory and speed.
 
-    .venv/bin/python bench/kv_bench.py [--windows 4] [--seq-len 512] [--greedy-tokens 128] [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/kv_bench.py [--windows 4] [--seq-len 512] [--greedy-tokens 128]
+        [--prompts 8] [--prompt-len 128] [--speed-tokens 64] [--quick]
 
-Prints the tables, writes bench/results/kv.json and bench/results/kv.png.
+Prints the tables, writes bench/results/kv.json and bench/results/kv.png.  Cache variants: every method
+with the default key frame (RoPE undone, centred, var^-1/4 scaled, one fp16 sink token), TurboQuant as
+the paper applies it (``plain``), and TurboQuant with a key basis calibrated on the calibration split.
 """
 
 from __future__ import annotations
@@ -74,12 +77,17 @@ def quantize_speed(n: int = 32768, d: int = 64) -> dict:
 
 @torch.no_grad()
 def decode_speed(model, prompt, make, n_tokens) -> float:
+    """Decode tokens/s after the prompt: a 1-token generate (prefill) is timed and subtracted."""
     ids = prompt.reshape(1, -1)
-    kw = dict(max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
-              attention_mask=torch.ones_like(ids), pad_token_id=0)
-    t = time.perf_counter()
-    model.generate(ids, past_key_values=make(), **kw)
-    return n_tokens / (time.perf_counter() - t)
+
+    def run(n):
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids),
+                  pad_token_id=0)
+        t = time.perf_counter()
+        model.generate(ids, past_key_values=make(), **kw)
+        return time.perf_counter() - t
+
+    return (n_tokens - 1) / (run(n_tokens) - run(1))
 
 
 def fmt_table(header, rows):
@@ -88,13 +96,18 @@ def fmt_table(header, rows):
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+VARIANTS = {"turboquant (plain)": ("turboquant", {"plain": True}),
+            **{m: (m, {}) for m in METHODS},
+            "turboquant + key basis": ("turboquant", {"key_basis": "calibrated"})}
+
+
 def plot(results, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     dist = [r for r in results["distortion"] if r["dim"] == 128]
     b = [r["bits"] for r in dist]
     ax = axes[0]
@@ -106,16 +119,19 @@ def plot(results, path):
     ax.set_xlabel("bits per coordinate")
     ax.set_title("Distortion on unit vectors")
     ax.legend(fontsize=7)
-    ax = axes[1]
-    for m in METHODS:
-        rows = [r for r in results["smollm2"] if r["method"] == m]
-        if rows:
-            ax.plot([r["kv_bits_per_coordinate"] for r in rows], [r["kl"] for r in rows], "o-", label=m)
-    ax.set_yscale("log")
-    ax.set_xlabel("stored KV bits per coordinate (codes + norms/scales)")
-    ax.set_ylabel("KL(full-precision cache || quantized)")
-    ax.set_title("SmolLM2-135M, held-out pydoc text")
-    ax.legend(fontsize=7)
+    for ax, key, ylab, log in ((axes[1], "kl", "KL(full-precision cache || quantized)", True),
+                               (axes[2], "greedy_match", "greedy agreement (128 tokens, 8 prompts)", False)):
+        for v in VARIANTS:
+            rows = [r for r in results["smollm2"] if r["variant"] == v and key in r]
+            if rows:
+                style = "--" if "plain" in v else "-"
+                ax.plot([r["kv_bits_per_coordinate"] for r in rows], [r[key] for r in rows], "o" + style, label=v)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("stored KV bits per coordinate (codes + norms/scales)")
+        ax.set_ylabel(ylab)
+        ax.set_title("SmolLM2-135M, held-out pydoc text")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -125,16 +141,23 @@ def main():
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--greedy-tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=8, help="greedy-decode prompts (one batch)")
+    ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--speed-tokens", type=int, default=64)
     ap.add_argument("--vectors", type=int, default=8000)
+    ap.add_argument("--basis-windows", type=int, default=4, help="calibration windows of the key basis")
     ap.add_argument("--window", type=int, default=0, help="full-precision recent window of the caches")
-    ap.add_argument("--quick", action="store_true", help="1 window of 256 tokens, 32 greedy tokens")
+    ap.add_argument("--quick", action="store_true", help="1 window of 256 tokens, 2 prompts, 32 greedy tokens")
     args = ap.parse_args()
     if args.quick:
-        args.windows, args.seq_len, args.greedy_tokens, args.speed_tokens = 1, 256, 32, 32
+        args.windows, args.seq_len, args.greedy_tokens, args.speed_tokens = 1, 256, 32, 16
+        args.prompts, args.prompt_len, args.vectors, args.basis_windows = 2, 64, 2000, 1
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     results = {"args": vars(args)}
+
+    def save():
+        (OUT / "kv.json").write_text(json.dumps(results, indent=2))
 
     results["distortion"] = dist = distortion(args.vectors)
     print("\n## Distortion on unit vectors (TurboQuant-MSE, PolarQuant, TurboQuant-Prod)\n")
@@ -145,55 +168,78 @@ def main():
           f"{r['ip_slope_mse']:.3f}", f"{r['ip_slope_prod']:.3f}"] for r in dist]))
 
     results["quantize_speed"] = qs = quantize_speed()
-    (OUT / "kv.json").write_text(json.dumps(results, indent=2))
+    save()
     print("\n## Quantize / dequantize throughput (d=64, 4 bits, CPU)\n")
     print(fmt_table(["method", "quantize vec/s", "dequantize vec/s"],
                     [[k, f"{v['quantize_vectors_per_s']:.3g}", f"{v['dequantize_vectors_per_s']:.3g}"]
                      for k, v in qs.items()]))
 
     from lowbit.calibration import eval_windows, load_text
+    from lowbit.kvcache.key_basis import basis_nbytes, calibrate_key_bases
     from lowbit.models import load_model
 
     model, tok = load_model("default")
     model.eval()
     cfg = model.config
-    text = load_text("pydoc").evaluation
-    ids = eval_windows(tok, text, seq_len=args.seq_len, max_windows=args.windows)
-    facs = {(m, b): (lambda m=m, b=b: QuantizedKVCache(m, b, cfg, window=args.window)) for m in METHODS for b in BITS}
-    r = kv_eval(model, ids, {f"{m}@{b}": f for (m, b), f in facs.items()})
-    results["smollm2"] = [{"method": m, "bits": b, **r[f"{m}@{b}"]} for (m, b) in facs]
-    (OUT / "kv.json").write_text(json.dumps(results, indent=2))
-    prompt = ids[0, :64]
-    ref = None
-    rows = []
-    for (m, b), f in tqdm(facs.items(), desc="greedy decode"):
-        g = greedy_agreement(model, prompt, f, n_tokens=args.greedy_tokens, reference=ref)
-        ref = g["reference"]
-        rows.append({"method": m, "bits": b, **r[f"{m}@{b}"], "greedy_match": g["greedy_match"],
-                     "greedy_prefix": g["greedy_prefix"]})
+    split = load_text("pydoc")
+    ids = eval_windows(tok, split.evaluation, seq_len=args.seq_len, max_windows=max(args.windows, args.prompts))
+    prompts = ids[:args.prompts, :args.prompt_len]
+    ids = ids[:args.windows]
+    bases = calibrate_key_bases(model, eval_windows(tok, split.calibration, seq_len=args.seq_len,
+                                                    max_windows=args.basis_windows))
+    results["key_basis_bytes"] = basis_nbytes(bases)
+
+    def factory(variant, bits, **extra):
+        method, kw = VARIANTS[variant]
+        kw = {**kw, **extra}
+        if kw.get("key_basis") == "calibrated":
+            kw["key_basis"] = bases
+        return lambda: QuantizedKVCache(method, bits, cfg, window=args.window, **kw)
+
+    keys = [(v, b) for v in VARIANTS for b in BITS]
+    r = kv_eval(model, ids, {f"{v}@{b}": factory(v, b) for v, b in keys})
+    rows = [{"variant": v, "method": VARIANTS[v][0], "bits": b, **r[f"{v}@{b}"]} for v, b in keys]
     results["smollm2"] = rows
-    (OUT / "kv.json").write_text(json.dumps(results, indent=2))  # partial results survive a long speed run
+    save()
+    ref = None
+    for row in tqdm(rows, desc="greedy decode"):
+        # the decode buffer reads the same values as the packed cache (tests hold it to 1e-4), only faster
+        g = greedy_agreement(model, prompts, factory(row["variant"], row["bits"], decode_buffer=True),
+                             n_tokens=args.greedy_tokens, reference=ref)
+        ref = g.pop("reference")
+        row.update(g)
+        save()  # partial results survive a long run
     print(f"\n## SmolLM2-135M, {ids.numel()} held-out tokens ({args.windows}x{args.seq_len}), "
-          f"fp perplexity {rows[0]['perplexity_fp']:.3f}, greedy over {args.greedy_tokens} tokens\n")
-    print(fmt_table(["method", "bits", "KV bits/coord", "mem ratio", "ppl", "Δppl %", "KL", "top-1",
-                     "greedy match", "greedy prefix"],
-                    [[x["method"], x["bits"], f"{x['kv_bits_per_coordinate']:.3f}", f"{x['kv_memory_ratio']:.2f}x",
+          f"fp perplexity {rows[0]['perplexity_fp']:.3f}; greedy: {args.prompts} prompts x {args.prompt_len} "
+          f"tokens, {args.greedy_tokens} tokens each\n")
+    print(fmt_table(["variant", "bits", "KV bits/coord", "mem ratio", "ppl", "Δppl %", "KL", "top-1",
+                     "greedy match", "mean prefix"],
+                    [[x["variant"], x["bits"], f"{x['kv_bits_per_coordinate']:.3f}", f"{x['kv_memory_ratio']:.2f}x",
                       f"{x['perplexity']:.3f}", f"{x['perplexity_change_pct']:+.2f}", f"{x['kl']:.4f}",
-                      f"{100 * x['top1_agreement']:.1f}%", f"{100 * x['greedy_match']:.1f}%", x["greedy_prefix"]]
-                     for x in rows]))
+                      f"{100 * x['top1_agreement']:.1f}%", f"{100 * x['greedy_match']:.1f}%",
+                      f"{x['greedy_prefix']:.1f}"] for x in rows]))
 
-    fp_tps = decode_speed(model, prompt, lambda: DynamicCache(config=cfg), args.speed_tokens)
-    speed = {"full_precision_tokens_per_s": fp_tps}
+    prompt = ids[0]
+    fp = [decode_speed(model, prompt, lambda: DynamicCache(config=cfg), args.speed_tokens)]
+    speed = {}
     for m in METHODS:
-        tps = decode_speed(model, prompt, lambda m=m: QuantizedKVCache(m, 4, cfg), args.speed_tokens)
-        speed[m] = {"tokens_per_s": tps, "ratio_to_full_precision": tps / fp_tps}
-    results["decode_speed"] = speed
-    print(f"\n## Decode speed, 4-bit caches vs DynamicCache ({fp_tps:.1f} tok/s)\n")
-    print(fmt_table(["method", "tok/s", "ratio"],
-                    [[m, f"{speed[m]['tokens_per_s']:.1f}", f"{speed[m]['ratio_to_full_precision']:.2f}"]
+        speed[m] = {f"tokens_per_s_{mode}": decode_speed(
+            model, prompt, lambda m=m, buf=buf: QuantizedKVCache(m, 4, cfg, decode_buffer=buf), args.speed_tokens)
+            for mode, buf in (("packed", False), ("buffered", True))}
+    fp.append(decode_speed(model, prompt, lambda: DynamicCache(config=cfg), args.speed_tokens))
+    fp_tps = sum(fp) / len(fp)
+    for m in METHODS:
+        for mode in ("packed", "buffered"):
+            speed[m][f"ratio_{mode}"] = speed[m][f"tokens_per_s_{mode}"] / fp_tps
+    results["decode_speed"] = {"full_precision_tokens_per_s": fp_tps, "full_precision_runs": fp,
+                               "prompt_tokens": prompt.numel(), "decoded_tokens": args.speed_tokens, **speed}
+    print(f"\n## Decode speed after a {prompt.numel()}-token prompt, 4-bit caches vs DynamicCache "
+          f"({fp_tps:.1f} tok/s)\n")
+    print(fmt_table(["method", "packed tok/s", "ratio", "buffered tok/s", "ratio"],
+                    [[m, f"{speed[m]['tokens_per_s_packed']:.1f}", f"{speed[m]['ratio_packed']:.2f}",
+                      f"{speed[m]['tokens_per_s_buffered']:.1f}", f"{speed[m]['ratio_buffered']:.2f}"]
                      for m in METHODS]))
-
-    (OUT / "kv.json").write_text(json.dumps(results, indent=2))
+    save()
     try:
         plot(results, OUT / "kv.png")
         print(f"\nwrote {OUT / 'kv.json'} and {OUT / 'kv.png'}")

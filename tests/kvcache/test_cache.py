@@ -51,9 +51,10 @@ def test_generate_streams_decoded_tokens(tiny, method):
     assert out.shape == (2, 52)
     assert cache.get_seq_length() == 51  # the last token is never fed back
     layer = cache.layers[0]
-    # one attention-sink token stays in full precision; KIVI keys move in groups of 32 tokens, the others
-    # keep exactly the window in full precision
-    assert layer.keys.shape[-2] == (4 if method not in ("kivi",) else 51 - 1 - 32)
+    # one attention-sink token stays in full precision (none for KIVI, whose keys move in groups of 32
+    # tokens); the others keep exactly the window in full precision
+    assert layer.sink == (0 if method == "kivi" else 1)
+    assert layer.keys.shape[-2] == (4 if method not in ("kivi",) else 51 - 32)
     assert layer.sink + layer.quantized_length + layer.keys.shape[-2] == 51
     mem = cache.memory_report()
     assert (1.5 if method == "kivi" else 2) < mem["kv_memory_ratio"] < 16 / 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import typer
 
@@ -16,9 +17,12 @@ def register(app: typer.Typer) -> None:
         window: int = typer.Option(0, help="newest tokens kept in full precision"),
         keep_first: int = typer.Option(0, help="first decoder layers left unquantized"),
         keep_last: int = typer.Option(0, help="last decoder layers left unquantized"),
-        sink: int = typer.Option(0, help="first tokens kept in full precision (attention sinks)"),
+        sink: Optional[int] = typer.Option(None, help="first tokens kept in full precision (default 1, KIVI 0)"),
         group_size: int = typer.Option(32, help="KIVI group size"),
-        center: bool = typer.Option(True, "--center/--no-center", help="quantize around the per-head mean"),
+        center: Optional[bool] = typer.Option(None, "--center/--no-center", help="quantize around the per-head mean"),
+        plain: bool = typer.Option(False, "--plain", help="the paper's quantizer as is: no key frame, no sink"),
+        key_basis_windows: int = typer.Option(0, help="calibrate a key basis on this many windows of the "
+                                              "text's calibration part (0: off)"),
         seed: int = typer.Option(0, help="seed of the random rotations"),
         text: str = typer.Option("pydoc", help="evaluation text source (its held-out part is used)"),
         seq_len: int = typer.Option(512, help="tokens per evaluation window"),
@@ -35,12 +39,21 @@ def register(app: typer.Typer) -> None:
 
         m, tokenizer = load_model(model)
         m.eval()
+        split = load_text(text)
+        basis = None
+        if key_basis_windows > 0:
+            from lowbit.kvcache.key_basis import calibrate_key_bases
+
+            cal = eval_windows(tokenizer, split.calibration, seq_len=seq_len, max_windows=key_basis_windows)
+            with torch.inference_mode():
+                basis = calibrate_key_bases(m, cal, progress=not as_json)
         try:
             make = cache_factory(m.config, method, bits, window=window, keep_first=keep_first,
-                                 keep_last=keep_last, sink=sink, group_size=group_size, center=center, seed=seed)
+                                 keep_last=keep_last, sink=sink, group_size=group_size, center=center, seed=seed,
+                                 plain=plain, key_basis=basis)
         except ValueError as e:
             raise LowbitError(str(e)) from None
-        ids = eval_windows(tokenizer, load_text(text).evaluation, seq_len=seq_len, max_windows=windows)
+        ids = eval_windows(tokenizer, split.evaluation, seq_len=seq_len, max_windows=windows)
         with torch.inference_mode():
             r = kv_eval(m, ids, {method: make}, progress=not as_json)[method]
         r = {"method": method, "bits": bits, **r}

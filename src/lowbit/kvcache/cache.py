@@ -44,7 +44,8 @@ class QuantizedKVCache(Cache):
         key_scale_power: scale key channel i by ``var_i^-power`` before quantizing (fp16 scales, undone on
             read); 0.25 narrows the spread of channel magnitudes, 0 turns it off.
         sink: first tokens of the sequence kept in full precision (attention sinks); not applied to
-            sliding-window layers.
+            sliding-window layers.  Default 1, except 0 for KIVI (a sink would shift its 32-token key groups,
+            leaving up to 31 more tokens in full precision).
         key_basis: one ``[kv_heads, d, d]`` orthogonal basis per layer (``calibrate_key_bases``), applied to
             the keys after centring; model-level calibration data, not counted in the cache's bits.
         decode_buffer: keep a dequantized working copy of the quantized part, filled as tokens arrive, so a
@@ -84,6 +85,8 @@ class QuantizedKVCache(Cache):
         opts = {k: (v if given[k] is None else given[k]) for k, v in self.REFINEMENTS.items()}
         if plain:
             opts = {k: (type(v)(0) if given[k] is None else given[k]) for k, v in self.REFINEMENTS.items()}
+        if method == "kivi" and sink is None:
+            opts["sink"] = 0
         center, derotate, key_scale_power, sink = opts["center"], opts["derotate"], opts["key_scale_power"], opts["sink"]
         self.key_basis = key_basis
         if key_basis is not None and config is not None \
