@@ -130,7 +130,7 @@ def plot(results, path):
             ax.set_yscale("log")
         ax.set_xlabel("stored KV bits per coordinate (codes + norms/scales)")
         ax.set_ylabel(ylab)
-        ax.set_title("SmolLM2-135M, held-out pydoc text")
+        ax.set_title(f"SmolLM2-135M, held-out {results.get('text', 'pydoc')} text")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -146,6 +146,7 @@ def main():
     ap.add_argument("--speed-tokens", type=int, default=64)
     ap.add_argument("--vectors", type=int, default=8000)
     ap.add_argument("--basis-windows", type=int, default=4, help="calibration windows of the key basis")
+    ap.add_argument("--text", default="python-docs", help="text source (falls back to the stdlib pydoc text)")
     ap.add_argument("--window", type=int, default=0, help="full-precision recent window of the caches")
     ap.add_argument("--quick", action="store_true", help="1 window of 256 tokens, 2 prompts, 32 greedy tokens")
     args = ap.parse_args()
@@ -174,14 +175,14 @@ def main():
                     [[k, f"{v['quantize_vectors_per_s']:.3g}", f"{v['dequantize_vectors_per_s']:.3g}"]
                      for k, v in qs.items()]))
 
-    from lowbit.calibration import eval_windows, load_text
+    from lowbit.calibration import eval_windows, load_text_or_pydoc
     from lowbit.kvcache.key_basis import basis_nbytes, calibrate_key_bases
     from lowbit.models import load_model
 
     model, tok = load_model("default")
     model.eval()
     cfg = model.config
-    split = load_text("pydoc")
+    results["text"], split = load_text_or_pydoc(args.text)
     ids = eval_windows(tok, split.evaluation, seq_len=args.seq_len, max_windows=max(args.windows, args.prompts))
     prompts = ids[:args.prompts, :args.prompt_len]
     ids = ids[:args.windows]
@@ -209,7 +210,7 @@ def main():
         ref = g.pop("reference")
         row.update(g)
         save()  # partial results survive a long run
-    print(f"\n## SmolLM2-135M, {ids.numel()} held-out tokens ({args.windows}x{args.seq_len}), "
+    print(f"\n## SmolLM2-135M, {ids.numel()} held-out {results['text']} tokens ({args.windows}x{args.seq_len}), "
           f"fp perplexity {rows[0]['perplexity_fp']:.3f}; greedy: {args.prompts} prompts x {args.prompt_len} "
           f"tokens, {args.greedy_tokens} tokens each\n")
     print(fmt_table(["variant", "bits", "KV bits/coord", "mem ratio", "ppl", "Δppl %", "KL", "top-1",
