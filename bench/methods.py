@@ -52,11 +52,11 @@ def _rss_mib() -> float:
 
 def timing(samples: int, seq_len: int, method: str) -> dict:
     t0 = time.perf_counter()
-    model, tok = load_model("default")
+    model, tok = load_model("default", lazy=True)  # as `lowbit quantize` does
     calib = calibration_batches(tok, load_text("pydoc").calibration, samples, seq_len)
     t1 = time.perf_counter()
     quantize_model(model, Recipe(SETTINGS["W4 g64 sym"], method=method), get_method(method), calib,
-                   progress=True, swap=False)
+                   progress=True, swap=True)
     t2 = time.perf_counter()
     return {"method": method, "samples": samples, "seq_len": seq_len, "threads": torch.get_num_threads(),
             "quantize_s": t2 - t1, "total_s": t2 - t0, "peak_rss_mib": _rss_mib()}

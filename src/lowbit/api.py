@@ -44,7 +44,7 @@ def quantize(model_source: str, out: str | Path | None, recipe: Recipe, *, calib
     if out is not None:
         check_output_dir(out, overwrite)  # refuse before any work
     method = get_method(recipe.method, **recipe.options)
-    model, tokenizer = load_model(model_source)
+    model, tokenizer = load_model(model_source, lazy=True)  # blocks read from disk as the pipeline reaches them
     calib = None
     if method.needs_calibration:
         split = load_text(calib_text)

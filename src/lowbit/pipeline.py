@@ -9,17 +9,22 @@ calibration activations.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+import functools
 import logging
+import weakref
 
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.calibration.capture import BlockInputs, StopForward, capture_first_block_inputs, run_block
+from lowbit.calibration.capture import BlockInputs, capture_first_block_inputs, run_block
+from lowbit.calibration.lockstep import Lockstep
 from lowbit.calibration.resume import fingerprint, load_state, save_state
 from lowbit.core.finite import all_finite, count_nonfinite
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
+from lowbit.models.lazy import materialize_block
 from lowbit.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -48,14 +53,6 @@ def _quantize_group(method, names: list[str], weights: list[torch.Tensor], specs
     return [method.quantize_linear(n, w, sp, st) for n, w, sp, st in zip(names, weights, specs, stats)]
 
 
-def _feed(stats, x, name, seen: set, n_hooked: int) -> None:
-    stats.add(x)
-    seen.add(name)
-    if len(seen) == n_hooked:  # every Linear of the group has its input: stop this chunk here
-        seen.clear()
-        raise StopForward
-
-
 def _working_copy(block, dtype: torch.dtype | None):
     """The block the calibration forwards run through: a copy in `dtype` (bf16 matmuls are several
     times faster here), or the block itself. Quantization always reads the original weights."""
@@ -67,59 +64,86 @@ def _working_copy(block, dtype: torch.dtype | None):
 def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs: BlockInputs,
                       calib_dtype: torch.dtype | None = None) -> tuple[dict, list[torch.Tensor]]:
     """Quantize one block's planned Linears group by group; returns them and the block's outputs
-    (computed with the quantized weights) for the next block."""
+    (computed with the quantized weights) for the next block.
+
+    One forward of the block over all chunks, in lockstep (`calibration.lockstep`): at the first
+    Linear of each sequential group every chunk feeds its input to the group's statistics and
+    waits; the last chunk quantizes the group, then all chunks go on with the quantized weights.
+    """
     qweights = {}
     local_plan = {n: plan[f"{prefix}.{n}"] for n in arch.linears if f"{prefix}.{n}" in plan}
     method.prepare_block(block, lambda: run_block(block, inputs), arch, local_plan)
     work = _working_copy(block, calib_dtype)
-    for group in arch.sequential:
-        names = [n for n in group if n in local_plan]
-        if not names:
-            continue
-        stats, handles = {}, []
-        seen: set = set()  # hooked Linears that got this chunk's input; then the rest of the forward is skipped
-        for n in names:
-            lin = get_module(work, n)
-            stats[n] = method.make_stats(f"{prefix}.{n}", lin)
-            if stats[n] is not None:
-                handles.append(lin.register_forward_pre_hook(
-                    lambda _m, args, s=stats[n], n=n: _feed(s, args[0], n, seen, len(handles))))
-        if handles:
-            try:
-                run_block(work, inputs)
-            finally:
-                for h in handles:
-                    h.remove()
+    groups = [names for names in ([n for n in g if n in local_plan] for g in arch.sequential) if names]
+    stats = {n: method.make_stats(f"{prefix}.{n}", get_module(work, n)) for names in groups for n in names}
+    done: set = set()
+
+    def quantize_group(names: list[str]) -> None:
         originals = [get_module(block, n) for n in names]
         results = _quantize_group(method, [f"{prefix}.{n}" for n in names],
                                   [lin.weight.detach().float() for lin in originals],
                                   [local_plan[n] for n in names], [stats[n] for n in names])
         for n, lin, qw in zip(names, originals, results):
             qweights[f"{prefix}.{n}"] = qw
-            # later groups and blocks must see this layer's quantized outputs
+            # the rest of this forward, later groups and later blocks see the quantized outputs
             for target in {id(lin): lin, id(get_module(work, n)): get_module(work, n)}.values():
                 target.weight.data.copy_(qw.dequantize(target.weight.dtype))
-    return qweights, run_block(work, inputs)
+        done.add(tuple(names))
+
+    lock = Lockstep(len(inputs.hidden))
+    handles = []
+    for names in groups:
+        seen: dict = {}  # chunk -> the input its group saw first (the group's Linears share it)
+        hook = functools.partial(_group_hook, lock, prefix, names, stats, seen, quantize_group)
+        handles += [get_module(work, n).register_forward_pre_hook(hook) for n in names]
+    try:
+        outputs = run_block(work, inputs, runner=lock.run)
+    finally:
+        for h in handles:
+            h.remove()
+    for names in groups:
+        if tuple(names) not in done:
+            raise LowbitError(f"{prefix}: the block's forward never reached {', '.join(names)}; "
+                              "the architecture table does not match this model")
+    return qweights, outputs
+
+
+def _group_hook(lock, prefix, names, stats, seen, quantize_group, _module, args) -> None:
+    c = lock.current()
+    x = args[0]
+    if c in seen:  # another Linear of the group, same chunk: it must read the same tensor
+        if seen[c]() is not x:
+            raise LowbitError(f"{prefix}: {', '.join(names)} form one sequential group but read different inputs; "
+                              "fix the architecture's sequential groups")
+        return
+    seen[c] = weakref.ref(x)
+    for n in names:
+        if stats[n] is not None:
+            stats[n].add(x)
+    lock.barrier(lambda: quantize_group(names))
 
 
 def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None = None,
                    progress: bool = True, swap: bool = True, state_dir=None,
-                   calib_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, QuantizedWeight]:
+                   calib_dtype: torch.dtype | None = torch.bfloat16) -> "QuantizedLayers":
     """Quantize `model` in place per `recipe` with `method`; returns {name: QuantizedWeight}.
 
     Calibration forwards (and the activations kept between blocks) run in `calib_dtype` (None:
     the model's dtype); the weights are always quantized from the model's own precision.
 
-    With swap=True every quantized Linear is replaced by a packed QuantLinear. With `state_dir`,
-    a calibrated run saves its state after each block and resumes from it (bit-identical).
+    With swap=True each finished block's Linears are replaced by packed QuantLinears at once
+    (with a model from `load_lazy`, blocks are read from disk as they are reached, so the
+    full-precision model is never resident whole). With `state_dir`, a calibrated run saves its
+    state after each block and resumes from it (bit-identical).
     """
     arch = arch_for(model)
     plan = recipe.plan(model, arch)
-    check_finite(model, plan)
     if arch.head in plan:
         untie_head(model, arch)
     blocks = blocks_of(model, arch)
-    qweights: dict[str, QuantizedWeight] = {}
+    # swapped layers are read back from their QuantLinear on access, not kept twice (a resumable
+    # run keeps them: its state file is rewritten from them after every block)
+    qweights = QuantizedLayers(model, keep=not swap or state_dir is not None)
     inputs = None
     if method.needs_calibration:
         if calib_ids is None or calib_ids.numel() == 0:
@@ -128,41 +152,79 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     start = 0
     fp = None
     if state_dir is not None and inputs is not None:
-        fp = fingerprint(recipe, calib_ids, model)
+        fp = fingerprint(recipe, calib_ids, model, extra=str(calib_dtype))
         state = load_state(state_dir, fp)
         if state is not None:
-            for name, qw in state["qweights"].items():
-                get_module(model, name).weight.data.copy_(qw.dequantize(get_module(model, name).weight.dtype))
-            qweights.update(state["qweights"])
+            start = state["block"] + 1
+            for i in range(start):
+                materialize_block(model, i)
+            _install(model, state["qweights"], swap)
+            qweights.add(state["qweights"], swapped=swap)
             if hasattr(method, "layer_errors"):
                 method.layer_errors.update(state["layer_errors"])
             inputs = BlockInputs(state["hidden"], inputs.kwargs)
-            start = state["block"] + 1
     bar = tqdm(range(start, len(blocks)), desc=f"{recipe.method} blocks", disable=not progress, unit="block",
                initial=start, total=len(blocks))
     for i in bar:
         prefix = f"{arch.blocks}.{i}"
+        materialize_block(model, i)
         block = blocks[i]
+        check_finite(model, [n for n in plan if n.startswith(prefix + ".")])
         if inputs is not None:
             inputs = BlockInputs(inputs.hidden, block_kwargs[i])
             done, outputs = _calibrated_block(method, block, prefix, arch, plan, inputs, calib_dtype)
-            qweights.update(done)
             inputs = BlockInputs(outputs, inputs.kwargs)
-            if fp is not None:
-                save_state(state_dir, i, fp, qweights, inputs.hidden, getattr(method, "layer_errors", None))
         else:
-            for n in arch.linears:
-                full = f"{prefix}.{n}"
-                if full in plan:
-                    qweights[full] = _quantize_one(method, full, get_module(block, n), plan[full], None,
-                                                   write_back=not swap)
-    for name in plan:
-        if name not in qweights:  # lm_head and anything outside the blocks
-            qweights[name] = _quantize_one(method, name, get_module(model, name), plan[name], None,
-                                           write_back=not swap)
+            done = {f"{prefix}.{n}": _quantize_one(method, f"{prefix}.{n}", get_module(block, n), plan[f"{prefix}.{n}"],
+                                                   None, write_back=not swap)
+                    for n in arch.linears if f"{prefix}.{n}" in plan}
+        if swap:
+            swap_quantized(model, done)
+        qweights.add(done, swapped=swap)
+        if fp is not None:
+            save_state(state_dir, i, fp, qweights, inputs.hidden, getattr(method, "layer_errors", None))
+    rest = [name for name in plan if name not in qweights]  # lm_head and anything outside the blocks
+    check_finite(model, rest)
+    done = {name: _quantize_one(method, name, get_module(model, name), plan[name], None, write_back=not swap)
+            for name in rest}
+    if swap:
+        swap_quantized(model, done)
+    qweights.add(done, swapped=swap)
+    return qweights
+
+
+class QuantizedLayers(Mapping):
+    """{name: QuantizedWeight} of a quantized model. Layers already swapped into a QuantLinear
+    are unpacked from it on access (bit-identical) unless `keep`, so the codes are not resident
+    twice while the rest of the model is being quantized."""
+
+    def __init__(self, model, keep: bool = True):
+        self._model, self._keep = model, keep
+        self._held: dict[str, QuantizedWeight | None] = {}
+
+    def add(self, qweights: dict[str, QuantizedWeight], swapped: bool) -> None:
+        for name, qw in qweights.items():
+            self._held[name] = qw if (self._keep or not swapped) else None
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        qw = self._held[name]
+        return get_module(self._model, name).to_quantized() if qw is None else qw
+
+    def __iter__(self):
+        return iter(self._held)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+def _install(model, qweights: dict[str, QuantizedWeight], swap: bool) -> None:
+    """Put resumed layers in place: packed, or their dequantized weights."""
     if swap:
         swap_quantized(model, qweights)
-    return qweights
+        return
+    for name, qw in qweights.items():
+        lin = get_module(model, name)
+        lin.weight.data.copy_(qw.dequantize(lin.weight.dtype))
 
 
 def untie_head(model, arch: Arch) -> None:

@@ -119,10 +119,6 @@ def _kwargs_for(kwargs: dict, batch: int) -> dict:
     return out
 
 
-class StopForward(Exception):
-    """Raised by a hook to end a block's forward on a chunk once the hook has what it needs."""
-
-
 def _dtype_of(block) -> torch.dtype:
     for p in block.parameters():
         if p.is_floating_point():
@@ -130,19 +126,21 @@ def _dtype_of(block) -> torch.dtype:
     return torch.float32
 
 
-def run_block(block, inputs: BlockInputs) -> list[torch.Tensor]:
-    """Outputs of one block for every captured chunk (chunks stopped by StopForward give none).
+def run_block(block, inputs: BlockInputs, runner=None) -> list[torch.Tensor]:
+    """Outputs of one block for every captured chunk.
 
     Inputs are cast to the block's dtype; outputs keep the dtype the inputs were stored in.
+    `runner(fn, chunks)` maps the forward over the chunks (default: one after another;
+    `Lockstep.run` for the pipeline's single calibration pass).
     """
-    outs = []
     dtype = _dtype_of(block)
     kwargs = cast_kwargs(inputs.kwargs, dtype)
+
+    def forward(h: torch.Tensor) -> torch.Tensor:
+        out = block(h.to(dtype), **_kwargs_for(kwargs, h.shape[0]))
+        return (out[0] if isinstance(out, tuple) else out).detach().to(h.dtype)
+
+    if runner is not None:
+        return runner(forward, inputs.hidden)
     with torch.no_grad():
-        for h in inputs.hidden:
-            try:
-                out = block(h.to(dtype), **_kwargs_for(kwargs, h.shape[0]))
-            except StopForward:
-                continue
-            outs.append((out[0] if isinstance(out, tuple) else out).detach().to(h.dtype))
-    return outs
+        return [forward(h) for h in inputs.hidden]

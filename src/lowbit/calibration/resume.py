@@ -59,10 +59,11 @@ def load_state(state_dir: str | Path, fingerprint: str) -> dict | None:
     return payload
 
 
-def fingerprint(recipe, calib_ids: torch.Tensor, model) -> str:
+def fingerprint(recipe, calib_ids: torch.Tensor, model, extra: str = "") -> str:
     import hashlib
 
     h = hashlib.sha256()
+    h.update(extra.encode())
     h.update(repr(recipe).encode())
     h.update(calib_ids.numpy().tobytes())
     h.update(str(getattr(model.config, "_name_or_path", "")).encode())

@@ -80,12 +80,18 @@ def default_model_dir() -> Path:
     return target
 
 
-def _from_folder(path: Path, dtype: torch.dtype):
+def _from_folder(path: Path, dtype: torch.dtype, lazy: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_hf_folder(path)
     config = AutoConfig.from_pretrained(path)
     arch_for(config)
+    if lazy:
+        from lowbit.models.lazy import load_lazy
+
+        loaded = load_lazy(path, dtype)
+        if loaded is not None:
+            return loaded
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
@@ -95,18 +101,22 @@ def _from_folder(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def load_model(source: str | os.PathLike = "default", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from `default`, a folder (HF or lowbit checkpoint), a .gguf file or a hub name."""
+def load_model(source: str | os.PathLike = "default", dtype: torch.dtype = torch.float32, lazy: bool = False):
+    """(model, tokenizer) from `default`, a folder (HF or lowbit checkpoint), a .gguf file or a hub name.
+
+    lazy=True (safetensors folders and `default`): the decoder blocks stay on disk until
+    `quantize_model` reaches them (see `lowbit.models.lazy`); other sources load whole.
+    """
     source = str(source)
     if source == "default":
-        return _from_folder(default_model_dir(), dtype)
+        return _from_folder(default_model_dir(), dtype, lazy)
     path = Path(source)
     if path.is_dir():
         if (path / "lowbit.json").is_file():
             from lowbit.io.checkpoint import load_checkpoint
 
             return load_checkpoint(path)
-        return _from_folder(path, dtype)
+        return _from_folder(path, dtype, lazy)
     if path.is_file():
         if path.suffix == ".gguf":
             return _from_gguf(path, dtype)
