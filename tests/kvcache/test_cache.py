@@ -207,3 +207,16 @@ def test_greedy_agreement_over_a_batch_of_prompts(tiny):
     assert r["reference"].shape == (3, 10)
     assert r["greedy_match"] == pytest.approx(sum(r["greedy_match_per_prompt"]) / 3)
     assert r["greedy_prefix"] <= 10 * r["greedy_match"] + 1e-9
+
+
+def test_frame_fitted_on_the_whole_tail_and_no_scales_from_few_tokens():
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(1, 2, 40, 32, generator=g) + 3.0, torch.randn(1, 2, 40, 32, generator=g)
+    cache = QuantizedKVCache("turboquant", 4, None, window=8, derotate=False, sink=0)
+    cache.update(k[..., :9, :], v[..., :9, :], 0)  # one token leaves the window: the frame sees all nine
+    frame = cache.layers[0]._frame
+    assert torch.allclose(frame.mean.float(), k[..., :9, :].mean(-2, keepdim=True), atol=1e-2)
+    assert torch.equal(frame.scale, torch.ones_like(frame.scale))  # 9 < MIN_SCALE_TOKENS
+    cache = QuantizedKVCache("turboquant", 4, None, window=8, derotate=False, sink=0)
+    cache.update(k, v, 0)
+    assert not torch.equal(cache.layers[0]._frame.scale, torch.ones_like(cache.layers[0]._frame.scale))

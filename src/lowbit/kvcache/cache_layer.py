@@ -12,7 +12,10 @@ from .key_frame import KeyFrame, fit_key_frame
 from .packed import Packed
 from .token_buffer import TokenBuffer
 
-__all__ = ["QuantizedKVLayer", "QuantizedSlidingKVLayer"]
+__all__ = ["QuantizedKVLayer", "QuantizedSlidingKVLayer", "MIN_SCALE_TOKENS"]
+
+#: fewer tokens than this at the first flush give too noisy a per-channel variance: no key scales then
+MIN_SCALE_TOKENS = 16
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -107,15 +110,18 @@ class QuantizedKVLayer(DynamicLayer):
         n_move -= n_move % self.block
         if n_move <= 0:
             return
+        if self._pk is None:
+            # fitted once, on every token held so far (window included): softmax(q·k) ignores a shift shared
+            # by all keys and Σ p v moves by the value shift, but both are added back exactly anyway
+            n = self.keys.shape[-2]
+            power = self.key_scale_power if n >= MIN_SCALE_TOKENS else 0.0
+            self._frame = fit_key_frame(self.keys, torch.arange(self._next_pos, self._next_pos + n,
+                                                                device=self.keys.device),
+                                        self.inv_freq, self.center, power, self.key_basis)
+            if self.center:
+                self._mv = self.values.float().mean(-2, keepdim=True).half()
         k, v = self.keys[..., :n_move, :], self.values[..., :n_move, :]
         pos = torch.arange(self._next_pos, self._next_pos + n_move, device=k.device)
-        if self._pk is None:
-            # fitted once on the first tokens: softmax(q·k) ignores a shift shared by all keys and Σ p v
-            # moves by the value shift, but both are added back exactly, so this only moves error around
-            self._frame = fit_key_frame(k, pos, self.inv_freq, self.center, self.key_scale_power,
-                                        self.key_basis)
-            if self.center:
-                self._mv = v.float().mean(-2, keepdim=True).half()
         k = self._frame.to_frame(k, pos)
         v = v.float() - self._mv.float() if self._mv is not None else v
         if self._pk is None and self.calibrate_outliers:
