@@ -26,6 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
 from lowbit.models.lazy import materialize_block
 from lowbit.recipe import Recipe
+from lowbit.runtime.memory import return_large_frees_to_os
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs
     """
     qweights = {}
     local_plan = {n: plan[f"{prefix}.{n}"] for n in arch.linears if f"{prefix}.{n}" in plan}
-    method.prepare_block(block, lambda: run_block(block, inputs), arch, local_plan)
     work = _working_copy(block, calib_dtype)
+    if method.prepare_block(block, lambda: run_block(work, inputs), arch, local_plan, search=work) and work is not block:
+        work = _working_copy(block, calib_dtype)  # the transformed weights, rounded once
     groups = [names for names in ([n for n in g if n in local_plan] for g in arch.sequential) if names]
     stats = {n: method.make_stats(f"{prefix}.{n}", get_module(work, n)) for names in groups for n in names}
     done: set = set()
@@ -138,6 +140,7 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     """
     arch = arch_for(model)
     plan = recipe.plan(model, arch)
+    return_large_frees_to_os()
     if arch.head in plan:
         untie_head(model, arch)
     blocks = blocks_of(model, arch)

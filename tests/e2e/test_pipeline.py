@@ -115,8 +115,8 @@ class RecordingRTN:
         self.seen[name] = _Recorder()
         return self.seen[name]
 
-    def prepare_block(self, block, run_block, arch, plan):
-        return None
+    def prepare_block(self, block, run_block, arch, plan, search=None):
+        return False
 
     def quantize_linear(self, name, W, spec, stats):
         from lowbit.algorithms.rtn import quantize_weight

@@ -77,9 +77,9 @@ class _Base:
             return None
         return HessianStats(self._pool, name, linear.in_features)
 
-    def prepare_block(self, block, run_block, arch, plan):
+    def prepare_block(self, block, run_block, arch, plan, search=None):
         self._pool.clear()
-        return None
+        return False
 
     def _record(self, name: str, W: torch.Tensor, qw: QuantizedWeight, stats) -> None:
         if stats is not None:
@@ -162,26 +162,29 @@ class AWQ(GPTQ):
 
     name = "awq"
 
-    def prepare_block(self, block, run_block, arch, plan):
+    def prepare_block(self, block, run_block, arch, plan, search=None):
+        """Search each smoothing pair's scales on `search` (a working copy of `block`, e.g. in bf16,
+        that `run_block` runs; default `block` itself) and fold them into `block`. Returns True."""
         super().prepare_block(block, run_block, arch, plan)
+        search = block if search is None else search
         pairs = []
         for prev_name, lin_names in arch.smooth:
             names = [n for n in lin_names if n in plan]
             if not names:
                 continue
-            prev = get_module(block, prev_name)
-            linears = [get_module(block, n) for n in names]
+            prev = get_module(search, prev_name)
+            linears = [get_module(search, n) for n in names]
             if isinstance(prev, torch.nn.Linear) and prev.out_features != linears[0].in_features:
                 log.debug("awq: skipping %s -> %s (%d outputs vs %d inputs, grouped-query attention)",
                           prev_name, names, prev.out_features, linears[0].in_features)
                 continue
             if len(names) > 1 and _parent(names):
-                inspect = get_module(block, _parent(names))
+                inspect = get_module(search, _parent(names))
             else:
                 inspect, names, linears = linears[0], names[:1], linears[:1]
             pairs.append((prev_name, prev, names, linears, inspect))
         if not pairs:
-            return None
+            return False
         captured = self._capture(pairs, run_block)
         for (prev_name, prev, names, linears, inspect), cap in zip(pairs, captured):
             spec = plan[names[0]]
@@ -209,9 +212,12 @@ class AWQ(GPTQ):
 
             s, alpha, losses = awq.search_scales(x_absmean, [lin.weight.detach() for lin in linears], spec, loss_fn,
                                                  n_grid=int(self.options.get("n_grid", 20)))
-            awq.fold_scales(prev, linears, s, norm_offset=arch.norm_offset)
+            awq.fold_scales(prev, linears, s, norm_offset=arch.norm_offset)  # later pairs search on folded weights
+            if search is not block:
+                awq.fold_scales(get_module(block, prev_name), [get_module(block, n) for n in names], s,
+                                norm_offset=arch.norm_offset)
             log.debug("awq: %s -> %s alpha=%.2f loss %.4g (alpha=0: %.4g)", prev_name, names, alpha, min(losses), losses[0])
-        return None
+        return True
 
     def _capture(self, pairs, run_block) -> list[dict]:
         """One full-precision run of the block: input |x| sums per pair (all samples) and the

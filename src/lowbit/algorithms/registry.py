@@ -2,8 +2,9 @@
 
 - `needs_calibration`: whether the pipeline must run calibration data through the blocks;
 - `make_stats(name, linear)`: an accumulator with `.add(x)` fed the Linear's inputs (or None);
-- `prepare_block(block, run_block, arch, plan)`: optional block-level transform before quantizing
-  (AWQ scale search and folding); `run_block()` re-runs the block on its calibration inputs;
+- `prepare_block(block, run_block, arch, plan, search)`: optional block-level transform before
+  quantizing (AWQ scale search and folding); `search` is a working copy of the block (possibly in
+  bf16) that `run_block()` runs on the calibration inputs; returns True when it changed `block`;
 - `quantize_linear(name, W, spec, stats) -> QuantizedWeight`.
 """
 
@@ -23,8 +24,8 @@ class RTN:
     def make_stats(self, name, linear):
         return None
 
-    def prepare_block(self, block, run_block, arch, plan):
-        return None
+    def prepare_block(self, block, run_block, arch, plan, search=None):
+        return False
 
     def quantize_linear(self, name, W, spec, stats):
         return rtn.quantize_weight(W, spec)
