@@ -93,10 +93,13 @@ def main():
             cands["turboquant-prod"] = TurboQuantProd(d, bits)
         if bits >= 2:
             cands["int (per-vector, g=32)"] = KIVI(d, bits, mode="value", group_size=32)
-        for name, quant in cands.items():
+        runs = [(name, quant, False) for name, quant in cands.items()]
+        runs += [(f"{name} (centred)", cands[name], True) for name in ("turboquant", "polarquant")]
+        for name, quant, center in runs:
+            x = db - db.mean(0, keepdim=True) if center else db
             if hasattr(quant, "with_outliers_from"):  # fractional bits: the extra bit to the highest-energy channels
-                quant = quant.with_outliers_from(db)
-            r = recall_at_k(q, db, quant, k=10)
+                quant = quant.with_outliers_from(x)
+            r = recall_at_k(q, db, quant, k=10, center=center)
             rows.append({"method": name, "bits": bits, **r})
             print(f"{name:>24}  bits={bits}  stored bits/coord={r['bits_per_coordinate']:.3f}  "
                   f"recall@10={r['recall']:.3f}")

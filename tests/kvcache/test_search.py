@@ -17,3 +17,13 @@ def test_search_exact_and_recall_grows_with_bits():
     assert r["bits_per_coordinate"] == pytest.approx(3 + 32 / 64)
     with pytest.raises(ValueError, match="k must be"):
         search(q, db, k=0)
+
+
+def test_centring_keeps_the_ranking_and_helps_a_shared_component():
+    g = torch.Generator().manual_seed(1)
+    db = torch.randn(1500, 64, generator=g) + 2.0  # a large component shared by every vector
+    q = torch.randn(60, 64, generator=g)
+    plain = recall_at_k(q, db, TurboQuantMSE(64, 2), k=10)
+    centred = recall_at_k(q, db, TurboQuantMSE(64, 2), k=10, center=True)
+    assert centred["recall"] > plain["recall"] + 0.1
+    assert centred["bits_per_coordinate"] == pytest.approx(plain["bits_per_coordinate"] + 16 / 1500)
