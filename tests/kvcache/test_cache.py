@@ -170,11 +170,16 @@ def test_decode_buffer_reads_what_the_packed_cache_reads(tiny, method):
     x = ids(10, 7, batch=2)
     kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=45, min_new_tokens=45, do_sample=False,
               pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    plain = tiny.generate(x, past_key_values=QuantizedKVCache(method, 3, tiny.config, window=3), **kw)
+    plain_cache = QuantizedKVCache(method, 3, tiny.config, window=3)
+    plain = tiny.generate(x, past_key_values=plain_cache, **kw)
     buf_cache = QuantizedKVCache(method, 3, tiny.config, window=3, decode_buffer=True)
     buf = tiny.generate(x, past_key_values=buf_cache, **kw)
     assert torch.equal(plain.sequences, buf.sequences)
     assert torch.allclose(torch.cat(plain.scores), torch.cat(buf.scores), atol=1e-4)  # -inf = suppressed
+    mem = buf_cache.memory_report()
+    assert mem["decode_buffer_bytes"] >= 2 * 3 * 2 * 2 * 54 * 32 * 4  # K+V, 3 layers, [2, 2, 54, 32] fp32
+    assert mem["kv_bytes"] == plain_cache.memory_report()["kv_bytes"]  # the buffer is reported apart
+    assert plain_cache.memory_report()["decode_buffer_bytes"] == 0
     buf_cache.crop(-5)
     assert buf_cache.layers[0]._bk.view().shape[-2] == buf_cache.get_seq_length() == 54 - 5
 

@@ -178,12 +178,17 @@ class QuantizedKVCache(Cache):
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, QuantizedKVLayer)]
 
     def memory_report(self) -> dict:
-        """Cache size against an fp16 cache of the same tokens (full-precision parts counted at 16 bits)."""
-        total = fp16 = coords = 0
+        """Cache size against an fp16 cache of the same tokens (full-precision parts counted at 16 bits).
+
+        ``decode_buffer_bytes`` is the working copy ``decode_buffer=True`` keeps besides the packed cache
+        (allocated capacity; 0 without it): not part of ``kv_bytes``.
+        """
+        total = fp16 = coords = buf = 0
         for layer in self.layers:
             if isinstance(layer, QuantizedKVLayer):
                 s = layer.storage()
                 total, fp16, coords = total + s["bytes"], fp16 + s["fp16_bytes"], coords + s["coords"]
+                buf += s["decode_buffer_bytes"]
             elif getattr(layer, "is_initialized", False) and layer.keys is not None:
                 n = layer.keys.numel() + layer.values.numel()
                 total, fp16, coords = total + 2 * n, fp16 + 2 * n, coords + n
@@ -192,6 +197,7 @@ class QuantizedKVCache(Cache):
             "fp16_bytes": fp16,
             "kv_bits_per_coordinate": 8.0 * total / coords if coords else float("nan"),
             "kv_memory_ratio": fp16 / total if total else float("nan"),
+            "decode_buffer_bytes": buf,
         }
 
     def __repr__(self) -> str:

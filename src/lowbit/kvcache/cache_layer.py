@@ -172,7 +172,8 @@ class QuantizedKVLayer(DynamicLayer):
         if self._sk is not None:
             tail += 2 * (self._sk.numel() + self._sv.numel())
         coords = (self._pk.numel + self._pv.numel if self._pk is not None else 0) + tail // 2
-        return {"bytes": packed + tail, "fp16_bytes": 2 * coords, "coords": coords}
+        buf = sum(b.nbytes for b in (self._bk, self._bv) if b is not None)
+        return {"bytes": packed + tail, "fp16_bytes": 2 * coords, "coords": coords, "decode_buffer_bytes": buf}
 
     def _map_batch(self, fn) -> None:
         if self._pk is not None:

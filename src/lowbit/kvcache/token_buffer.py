@@ -20,6 +20,11 @@ class TokenBuffer:
     def __len__(self) -> int:
         return self.stop - self.start
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (capacity, not just the live tokens)."""
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
     def view(self) -> torch.Tensor:
         return self.data[..., self.start:self.stop, :]
 
