@@ -10,6 +10,12 @@ from lowbit.errors import LowbitError
 PIECE_ROWS = 256  # bf16 products over at most this many rows each: rounding noise averages out (fewer Cholesky failures)
 
 
+# Narrower Hessians are accumulated from float32 products: they are cheap, and attention-output
+# Hessians (o_proj) are close to singular, where bf16 rounding of the products breaks positive
+# definiteness (Cholesky fails, dampening goes up x10 and the layer's error with it).
+BF16_MIN_FEATURES = 1024
+
+
 class HessianAccumulator:
     """Accumulates H = 2/n · Σ x xᵀ over activation rows x [.., in] in float32 (or float64).
 
@@ -31,13 +37,14 @@ class HessianAccumulator:
                 f"{self.name}: activation has {x.shape[-1]} features, the Hessian expects {self.in_features}"
             )
         x2 = x.detach().reshape(-1, self.in_features)
-        if x2.dtype == torch.bfloat16 and self.dtype == torch.float32:
+        if x2.dtype == torch.bfloat16 and self.dtype == torch.float32 and self.in_features >= BF16_MIN_FEATURES:
             # bf16 activations: the product runs on the bf16 matrix units (~3.5x faster here) and
             # each chunk's partial sum is added to the float32 total
             for piece in x2.split(PIECE_ROWS):
                 self._sum.add_(piece.T @ piece)
         else:
-            self._sum.addmm_(x2.T, x2.to(self.dtype))
+            x2 = x2.to(self.dtype)
+            self._sum.addmm_(x2.T, x2)
         self.n += x2.shape[0]
 
     @property
