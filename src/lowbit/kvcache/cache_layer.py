@@ -22,9 +22,12 @@ class QuantizedKVLayer(DynamicLayer):
     """Keys/values are quantized as they arrive; the newest ``window`` tokens stay in full precision.
 
     ``self.keys`` / ``self.values`` hold the full-precision tail (window plus tokens waiting for a
-    complete KIVI group); everything older lives only as :class:`Packed` bytes.  Every ``update``
-    returns ``dequantize(packed) ++ tail`` — attention always reads the quantized cache, also during
-    prefill, so a single forward pass measures what decoding would see.
+    complete KIVI group); the first ``sink`` tokens stay in full precision; everything else lives only
+    as :class:`Packed` bytes, keys in the :class:`KeyFrame` fitted at the first flush, values minus
+    their mean.  Every ``update`` returns ``sink ++ dequantize(packed) ++ tail`` — attention always
+    reads the quantized cache, also during prefill, so a single forward pass measures what decoding
+    would see.  With ``decode_buffer`` that sequence is kept in a :class:`TokenBuffer` and only the
+    newly packed tokens are dequantized (into place).
     """
 
     is_croppable = False
