@@ -142,6 +142,9 @@ def test_unsupported_models_say_so():
     (dict(bits=0), "bits"),
     (dict(window=-1), "window"),
     (dict(keep_last=1, config=None), "keep_last"),
+    (dict(key_scale_power=0.9), "key_scale_power"),
+    (dict(key_scale_power=True), "key_scale_power"),
+    (dict(sink=-1), "sink"),
 ])
 def test_bad_arguments_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -225,3 +228,10 @@ def test_frame_fitted_on_the_whole_tail_and_no_scales_from_few_tokens():
     cache = QuantizedKVCache("turboquant", 4, None, window=8, derotate=False, sink=0)
     cache.update(k, v, 0)
     assert not torch.equal(cache.layers[0]._frame.scale, torch.ones_like(cache.layers[0]._frame.scale))
+
+
+def test_key_basis_must_cover_every_layer(tiny):
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="key_basis.*per decoder layer"):
+        QuantizedKVCache("turboquant", 3, tiny.config, key_basis=[torch.eye(32).expand(2, 32, 32)])
