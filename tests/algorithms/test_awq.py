@@ -95,3 +95,27 @@ def test_clip_search_never_increases_error(spec):
     # the group Gram from a Hessian gives the same choice
     shrink_h, _ = awq.search_clip(W, None, spec, H=x.T @ x / x.shape[0])
     assert (shrink_h == shrink).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=64), QuantSpec(bits=3, group_size=32, symmetric=False),
+                                  QuantSpec(bits=4, granularity="channel", symmetric=False)])
+def test_clip_search_fast_path_equals_the_reference_arithmetic(spec):
+    """The grouped-view search picks exactly what choose_qparams -> quantize -> dequantize gives."""
+    from lowbit.algorithms.awq import _group_err, group_gram
+    from lowbit.core.qparams import choose_qparams
+    from lowbit.core.quantize import dequantize, quantize_codes
+
+    torch.manual_seed(0)
+    W = torch.randn(48, 128)
+    X = torch.randn(256, 128) @ torch.randn(128, 128)
+    H = X.T @ X / 256
+    shrink, err = awq.search_clip(W, None, spec, H=H, n_grid=10, max_shrink=0.5)
+    gs = spec.group_size if spec.granularity == "group" else 128
+    G = group_gram(None, spec, 128, H)
+    best = None
+    for i in range(6):
+        f = 1.0 - i / 10
+        scale, zero = choose_qparams(W, spec, shrink=f)
+        e = _group_err(W - dequantize(quantize_codes(W, scale, zero, spec), scale, zero, spec), G, gs)
+        best = e if best is None else torch.minimum(best, e)
+    assert torch.allclose(err, best, rtol=1e-5, atol=1e-7)

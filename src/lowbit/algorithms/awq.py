@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lowbit.core.groups import to_groups
-from lowbit.core.qparams import choose_qparams
+from lowbit.core.qparams import choose_qparams, range_to_qparams
 from lowbit.core.quantize import quantize_codes, dequantize
 from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec
@@ -171,11 +171,28 @@ def _search_clip(W, X, spec, H, n_grid, max_shrink):
     best_err = torch.full((rows, ng), float("inf"))
     best_shrink = torch.ones(rows, ng)
     steps = int(round(max_shrink * n_grid))
+    grouped = to_groups(W, spec) if spec.dtype == "int" else None  # [rows, ng, gs]
+    if grouped is not None:
+        gmin, gmax = grouped.amin(dim=-1), grouped.amax(dim=-1)
     for i in range(steps + 1):
         f = 1.0 - i / n_grid
-        scale, zero = choose_qparams(W, spec, shrink=f)
-        Wq = dequantize(quantize_codes(W, scale, zero, spec), scale, zero, spec)
-        err = _group_err(W - Wq, G, gs)
+        if grouped is not None:
+            # the same arithmetic as choose_qparams(W, spec, shrink=f) -> quantize_codes -> dequantize,
+            # on the [rows, ng, gs] view with broadcast parameters (no expanded copies)
+            scale, zero = range_to_qparams(gmin * f, gmax * f, spec)
+            sc = scale.unsqueeze(-1)
+            q = grouped / sc
+            if zero is not None:
+                zc = zero.unsqueeze(-1)
+                q = q.add_(zc).round_().clamp_(spec.qmin, spec.qmax).sub_(zc)
+            else:
+                q = q.round_().clamp_(spec.qmin, spec.qmax)
+            Dt = (grouped - q.mul_(sc)).transpose(0, 1)  # [ng, rows, gs]
+            err = (torch.bmm(Dt, G) * Dt).sum(-1).transpose(0, 1)
+        else:
+            scale, zero = choose_qparams(W, spec, shrink=f)
+            Wq = dequantize(quantize_codes(W, scale, zero, spec), scale, zero, spec)
+            err = _group_err(W - Wq, G, gs)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_shrink = torch.where(better, torch.full_like(best_shrink, f), best_shrink)
