@@ -9,8 +9,9 @@ Evaluation: held-out Debian python3.11-doc sources (else the held-out pydoc spli
 windows of 512 tokens; perplexity, KL to fp32 and top-1 agreement. Results are merged into
 bench/results/methods.json (one row per setting x method), so settings can be run separately.
 
-The timing run is a fresh process (peak RSS = ru_maxrss of that process): load the model,
-tokenize the calibration text, GPTQ W4 g64 sym over all decoder Linears, no evaluation.
+The timing runs are fresh processes (peak RSS = ru_maxrss of that process), default and
+`--low-memory` (`lowbit quantize --low-memory`): load the model lazily as `lowbit quantize` does,
+tokenize the calibration text, GPTQ W4 g64 sym over all decoder Linears with packed swap, no evaluation.
 W4 g32 asym is not benchmarked: the model's weights came from a Q4_1 GGUF, so it is lossless.
 """
 
@@ -50,15 +51,16 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timing(samples: int, seq_len: int, method: str) -> dict:
+def timing(samples: int, seq_len: int, method: str, low_memory: bool = False) -> dict:
     t0 = time.perf_counter()
     model, tok = load_model("default", lazy=True)  # as `lowbit quantize` does
     calib = calibration_batches(tok, load_text("pydoc").calibration, samples, seq_len)
     t1 = time.perf_counter()
     quantize_model(model, Recipe(SETTINGS["W4 g64 sym"], method=method), get_method(method), calib,
-                   progress=True, swap=True)
+                   progress=True, swap=True, low_memory=low_memory)
     t2 = time.perf_counter()
     return {"method": method, "samples": samples, "seq_len": seq_len, "threads": torch.get_num_threads(),
+            "low_memory": low_memory,
             "quantize_s": t2 - t1, "total_s": t2 - t0, "peak_rss_mib": _rss_mib()}
 
 
@@ -124,10 +126,12 @@ def print_table(res: dict) -> None:
             top1 = f"{r['top1_agreement']:.3f}" if r.get('top1_agreement') is not None else '-'
             print(f"| {setting} | {m} | {r['perplexity']:.3f} | {100 * d / fp['perplexity']:+.2f}% | {ratio} | "
                   f"{r['kl']:.4f} | {top1} |")
-    if "timing" in res:
-        t = res["timing"]
-        print(f"\nGPTQ W4 g64 sym, {t['samples']}x{t['seq_len']} calibration, {t['threads']} threads: "
-              f"quantize {t['quantize_s']:.1f} s (process total {t['total_s']:.1f} s), peak RSS {t['peak_rss_mib']:.0f} MiB")
+    for key in ("timing", "timing_low_memory"):
+        if key in res:
+            t = res[key]
+            print(f"\nGPTQ W4 g64 sym, {t['samples']}x{t['seq_len']} calibration, {t['threads']} threads"
+                  f"{', --low-memory' if t.get('low_memory') else ''}: quantize {t['quantize_s']:.1f} s "
+                  f"(process total {t['total_s']:.1f} s), peak RSS {t['peak_rss_mib']:.0f} MiB")
 
 
 def main() -> None:
@@ -141,20 +145,22 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true", help="also run the GPTQ timing in a fresh process")
     ap.add_argument("--timing-only", action="store_true")
     ap.add_argument("--timing-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--print", action="store_true", help="print the stored table and exit")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.timing_child:
-        print(json.dumps(timing(args.samples, args.seq_len, "gptq")))
+        print(json.dumps(timing(args.samples, args.seq_len, "gptq", args.low_memory)))
         return
     res = _load_results()
     if args.print:
         print_table(res)
         return
     if args.timing or args.timing_only:
-        out = subprocess.run([sys.executable, __file__, "--timing-child", "--samples", str(args.samples),
-                              "--seq-len", str(args.seq_len)], check=True, capture_output=True, text=True)
-        res["timing"] = json.loads(out.stdout.strip().splitlines()[-1])
+        for key, extra in (("timing", []), ("timing_low_memory", ["--low-memory"])):  # each a fresh process
+            out = subprocess.run([sys.executable, __file__, "--timing-child", "--samples", str(args.samples),
+                                  "--seq-len", str(args.seq_len), *extra], check=True, capture_output=True, text=True)
+            res[key] = json.loads(out.stdout.strip().splitlines()[-1])
         _save(res)
         if args.timing_only:
             print_table(res)

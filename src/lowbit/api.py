@@ -39,7 +39,7 @@ def layer_error_report(method, qweights: dict) -> dict:
 
 def quantize(model_source: str, out: str | Path | None, recipe: Recipe, *, calib_text: str = "pydoc",
              n_samples: int = 64, seq_len: int = 512, overwrite: bool = False, progress: bool = True,
-             state_dir: str | Path | None = None):
+             state_dir: str | Path | None = None, low_memory: bool = False):
     """Load, quantize per recipe, save atomically to `out` (if given); returns (model, tokenizer)."""
     if out is not None:
         check_output_dir(out, overwrite)  # refuse before any work
@@ -49,7 +49,8 @@ def quantize(model_source: str, out: str | Path | None, recipe: Recipe, *, calib
     if method.needs_calibration:
         split = load_text(calib_text)
         calib = calibration_batches(tokenizer, split.calibration, n_samples, seq_len)
-    qweights = quantize_model(model, recipe, method, calib, progress=progress, state_dir=state_dir)
+    qweights = quantize_model(model, recipe, method, calib, progress=progress, state_dir=state_dir,
+                              low_memory=low_memory)
     if out is not None:
         save_checkpoint(model, tokenizer, out, method=recipe.method, source=str(model_source),
                         overwrite=overwrite, extra={"calibration": calib_text if calib is not None else None},

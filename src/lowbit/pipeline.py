@@ -9,10 +9,10 @@ calibration activations.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 import functools
 import logging
 import weakref
+from collections.abc import Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
 from lowbit.models.lazy import materialize_block
 from lowbit.recipe import Recipe
-from lowbit.runtime.memory import return_large_frees_to_os
+from lowbit.runtime.memory import release_free_memory, return_large_frees_to_os, share_one_arena
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs
             for target in {id(lin): lin, id(get_module(work, n)): get_module(work, n)}.values():
                 target.weight.data.copy_(qw.dequantize(target.weight.dtype))
         done.add(tuple(names))
+        release_free_memory()  # every chunk is paused here: drop what the forward so far freed
 
     lock = Lockstep(len(inputs.hidden))
     handles = []
@@ -127,7 +128,7 @@ def _group_hook(lock, prefix, names, stats, seen, quantize_group, _module, args)
 
 def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None = None,
                    progress: bool = True, swap: bool = True, state_dir=None,
-                   calib_dtype: torch.dtype | None = torch.bfloat16) -> "QuantizedLayers":
+                   calib_dtype: torch.dtype | None = torch.bfloat16, low_memory: bool = False) -> "QuantizedLayers":
     """Quantize `model` in place per `recipe` with `method`; returns {name: QuantizedWeight}.
 
     Calibration forwards (and the activations kept between blocks) run in `calib_dtype` (None:
@@ -136,11 +137,14 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     With swap=True each finished block's Linears are replaced by packed QuantLinears at once
     (with a model from `load_lazy`, blocks are read from disk as they are reached, so the
     full-precision model is never resident whole). With `state_dir`, a calibrated run saves its
-    state after each block and resumes from it (bit-identical).
+    state after each block and resumes from it (bit-identical). `low_memory` trades time for peak
+    memory (see `runtime.memory.return_large_frees_to_os`).
     """
     arch = arch_for(model)
     plan = recipe.plan(model, arch)
-    return_large_frees_to_os()
+    share_one_arena()  # before the lockstep threads exist
+    if low_memory:
+        return_large_frees_to_os()
     if arch.head in plan:
         untie_head(model, arch)
     blocks = blocks_of(model, arch)
@@ -186,6 +190,8 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
         qweights.add(done, swapped=swap)
         if fp is not None:
             save_state(state_dir, i, fp, qweights, inputs.hidden, getattr(method, "layer_errors", None))
+        del done
+        release_free_memory()  # the block's activations and fp32 weights are gone: return their pages
     rest = [name for name in plan if name not in qweights]  # lm_head and anything outside the blocks
     check_finite(model, rest)
     done = {name: _quantize_one(method, name, get_module(model, name), plan[name], None, write_back=not swap)

@@ -30,6 +30,8 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
         state_dir: Optional[Path] = typer.Option(None, help="calibrated methods: save state after each block "
                                                            "here and resume an interrupted run from it"),
+        low_memory: bool = typer.Option(False, "--low-memory", help="lower peak memory, slower (unmaps large "
+                                                                    "temporaries at once)"),
     ):
         """Quantize MODEL and save it in lowbit's format."""
         from lowbit import api
@@ -41,7 +43,7 @@ def register(app: typer.Typer) -> None:
             spec = api.make_spec(bits, group_size, sym, dtype, integer_zero=not float_zero)
             r = Recipe(spec=spec, method=method, ignore=tuple(ignore), quantize_head=quantize_head)
         api.quantize(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite,
-                     state_dir=state_dir)
+                     state_dir=state_dir, low_memory=low_memory)
         typer.echo(f"saved {out}")
 
     @app.command("eval")

@@ -80,13 +80,10 @@ def load_lazy(folder: str | Path, dtype: torch.dtype = torch.float32):
     not allow it (then load eagerly)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.runtime.memory import return_large_frees_to_os
-
     folder = Path(folder)
     files = _weight_files(folder)
     if not files:
         return None
-    return_large_frees_to_os()  # the lazy path is the memory-bounded one: from the first allocation
     config = AutoConfig.from_pretrained(folder)
     arch = arch_for(config)
     with torch.device("meta"):

@@ -5,31 +5,68 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
 import sys
 
-log = logging.getLogger(__name__)
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """glibc: hand the free pages of every malloc arena back to the OS (`malloc_trim(0)`).
+
+    The calibration forwards allocate and free many few-MiB activations from several threads;
+    glibc keeps the freed space in per-thread arenas, so without this resident memory ratchets up
+    block after block. The pipeline calls it after every block (a few milliseconds). A fixed
+    1 MiB mmap threshold held memory lower still, but the page faults of mapping every large
+    temporary afresh cost 30% of GPTQ's wall time. No-op elsewhere; returns whether it ran.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+@functools.cache
+def share_one_arena() -> bool:
+    """glibc: let every thread allocate from one malloc arena (`mallopt(M_ARENA_MAX, 1)`).
+
+    The lockstep calibration runs each chunk in its own thread but only one at a time, so a
+    shared arena costs no contention, while per-thread arenas would each grow to their thread's
+    transient peak. Applies to threads created afterwards; process-wide and kept. No-op elsewhere.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(M_ARENA_MAX, 1))
+
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 @functools.cache
 def return_large_frees_to_os(threshold: int = 1 << 20) -> bool:
-    """glibc only: serve allocations above `threshold` bytes with their own mappings.
+    """glibc: serve every allocation above `threshold` bytes with its own mapping (low-memory mode).
 
-    By default glibc raises its mmap threshold after large frees (up to 32 MiB), so the
-    calibration's many few-MiB activations end up in malloc arenas that keep their peak size
-    (per thread) long after the tensors are gone; resident memory then grows with every block.
-    A fixed threshold hands such blocks back to the OS on free. Measured on the SmolLM2 GPTQ run:
-    peak RSS 1546 -> ~880 MiB. Process-wide and kept (glibc has no way back to the adaptive
-    threshold); a no-op elsewhere. Returns whether it was applied.
+    glibc raises its mmap threshold after large frees (up to 32 MiB), so few-MiB activations then
+    come from the heap and their space stays with the process. A fixed threshold unmaps them on
+    free: GPTQ on SmolLM2 (64x512) peaks at ~930 MiB instead of ~1110 MiB, but every large
+    temporary is mapped afresh and page-faulted in, which made the run ~1.6x slower. Process-wide
+    and kept (glibc has no way back to the adaptive threshold). No-op elsewhere.
     """
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        return False
-    log.debug("malloc mmap threshold fixed at %d bytes: %s", threshold, ok)
-    return ok
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
