@@ -21,16 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _RUN_LOCK = threading.Lock()
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
-    """Worker threads reused across blocks: a fresh thread pays a one-off setup in the bf16 matrix
-    kernels (measured: a 4096x1536 bf16 Hessian product took 112 ms on new threads, 27 ms on a
-    warm one), and a block's forward is only a few dozen such calls per thread."""
+    """Worker threads shared by every block's run instead of `n` new threads (each with its own
+    OpenMP team) per block. Only one run uses the pool at a time (`_RUN_LOCK`): a run needs all
+    `n` threads at once."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < n:
