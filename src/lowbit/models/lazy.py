@@ -1,7 +1,7 @@
 """Models whose decoder blocks stay on disk until the pipeline reaches them.
 
-`load_lazy` builds the model with its parameters allocated but never written (untouched pages
-cost no memory), loads everything outside the decoder blocks, and leaves the blocks to
+`load_lazy` builds the model on the meta device, loads everything outside the decoder blocks
+(buffers such as rotary frequencies come from a zero-layer CPU twin), and leaves the blocks to
 `materialize_block`. The pipeline quantizes block by block and swaps each finished block's
 Linears for packed ones, so the full-precision model is never resident at once: peak memory is
 one block plus the calibration activations, not the whole fp32 model.
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import LowbitError
 from lowbit.models.arch import arch_for, blocks_of
 
 log = logging.getLogger(__name__)
@@ -136,9 +135,3 @@ def materialize_all(model) -> None:
 def is_lazy(model) -> bool:
     lazy = getattr(model, _ATTR, None)
     return lazy is not None and bool(lazy.pending)
-
-
-def check_loaded(model, what: str) -> None:
-    if is_lazy(model):
-        raise LowbitError(f"{what}: the model's blocks {sorted(getattr(model, _ATTR).pending)[:5]} are not loaded yet; "
-                          "call lowbit.models.lazy.materialize_all(model) first")
