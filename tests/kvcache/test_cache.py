@@ -103,7 +103,8 @@ def test_fractional_bits_pick_outlier_channels_per_layer(tiny):
     assert len(q._split.hi_idx) == 16
 
 
-def test_gemma3_sliding_layers():
+def _tiny_gemma3_generate():
+    """A 2-layer Gemma3 (one sliding, one full layer), a prompt batch and greedy generate() arguments."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
@@ -114,6 +115,11 @@ def test_gemma3_sliding_layers():
     x = ids(20, 6)
     kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False, pad_token_id=0,
               output_scores=True, return_dict_in_generate=True)
+    return cfg, model, x, kw
+
+
+def test_gemma3_sliding_layers():
+    cfg, model, x, kw = _tiny_gemma3_generate()
     cache = QuantizedKVCache("turboquant", 8, cfg)
     got = model.generate(x, past_key_values=cache, **kw)
     assert cache.layers[0].is_sliding and cache.quantized_layers == [0, 1]
@@ -188,16 +194,7 @@ def test_decode_buffer_reads_what_the_packed_cache_reads(tiny, method):
 
 
 def test_decode_buffer_on_sliding_layers():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
-                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
-    model = Gemma3ForCausalLM(cfg).eval()
-    x = ids(20, 6)
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False, pad_token_id=0,
-              output_scores=True, return_dict_in_generate=True)
+    cfg, model, x, kw = _tiny_gemma3_generate()
     a = model.generate(x, past_key_values=QuantizedKVCache("turboquant", 4, cfg), **kw)
     b = model.generate(x, past_key_values=QuantizedKVCache("turboquant", 4, cfg, decode_buffer=True), **kw)
     assert torch.allclose(torch.cat(a.scores), torch.cat(b.scores), atol=1e-4)
