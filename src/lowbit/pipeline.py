@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.calibration.capture import BlockInputs, capture_first_block_inputs, run_block
+from lowbit.calibration.capture import BlockInputs, block_dtype, capture_first_block_inputs, run_block
 from lowbit.calibration.lockstep import Lockstep
 from lowbit.calibration.resume import fingerprint, load_state, save_state
 from lowbit.core.finite import all_finite, count_nonfinite
@@ -57,19 +57,22 @@ def _quantize_group(method, names: list[str], weights: list[torch.Tensor], specs
 def _working_copy(block, dtype: torch.dtype | None):
     """The block the calibration forwards run through: a copy in `dtype` (bf16 matmuls are several
     times faster here), or the block itself. Quantization always reads the original weights."""
-    if dtype is None or all(p.dtype == dtype for p in block.parameters() if p.is_floating_point()):
+    if dtype is None or block_dtype(block) == dtype:
         return block
     return copy.deepcopy(block).to(dtype)
 
 
 def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs: BlockInputs,
-                      calib_dtype: torch.dtype | None = None) -> tuple[dict, list[torch.Tensor]]:
+                      calib_dtype: torch.dtype | None = None,
+                      write_original: bool = True) -> tuple[dict, list[torch.Tensor]]:
     """Quantize one block's planned Linears group by group; returns them and the block's outputs
     (computed with the quantized weights) for the next block.
 
     One forward of the block over all chunks, in lockstep (`calibration.lockstep`): at the first
     Linear of each sequential group every chunk feeds its input to the group's statistics and
     waits; the last chunk quantizes the group, then all chunks go on with the quantized weights.
+    `write_original=False` (the block's Linears are about to be swapped out) leaves the original
+    block's weights alone; the working copy always gets the dequantized weights.
     """
     qweights = {}
     local_plan = {n: plan[f"{prefix}.{n}"] for n in arch.linears if f"{prefix}.{n}" in plan}
@@ -87,8 +90,11 @@ def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs
                                   [local_plan[n] for n in names], [stats[n] for n in names])
         for n, lin, qw in zip(names, originals, results):
             qweights[f"{prefix}.{n}"] = qw
-            # the rest of this forward, later groups and later blocks see the quantized outputs
-            for target in {id(lin): lin, id(get_module(work, n)): get_module(work, n)}.values():
+            # the rest of this forward and later groups see the quantized outputs
+            targets = [get_module(work, n)]
+            if write_original and lin is not targets[0]:
+                targets.append(lin)
+            for target in targets:
                 target.weight.data.copy_(qw.dequantize(target.weight.dtype))
         done.add(tuple(names))
         release_free_memory()  # every chunk is paused here: drop what the forward so far freed
@@ -179,7 +185,8 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
         check_finite(model, [n for n in plan if n.startswith(prefix + ".")])
         if inputs is not None:
             inputs = BlockInputs(inputs.hidden, block_kwargs[i])
-            done, outputs = _calibrated_block(method, block, prefix, arch, plan, inputs, calib_dtype)
+            done, outputs = _calibrated_block(method, block, prefix, arch, plan, inputs, calib_dtype,
+                                              write_original=not swap)
             inputs = BlockInputs(outputs, inputs.kwargs)
         else:
             done = {f"{prefix}.{n}": _quantize_one(method, f"{prefix}.{n}", get_module(block, n), plan[f"{prefix}.{n}"],

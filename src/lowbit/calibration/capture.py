@@ -119,7 +119,7 @@ def _kwargs_for(kwargs: dict, batch: int) -> dict:
     return out
 
 
-def _dtype_of(block) -> torch.dtype:
+def block_dtype(block) -> torch.dtype:
     for p in block.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -133,7 +133,7 @@ def run_block(block, inputs: BlockInputs, runner=None) -> list[torch.Tensor]:
     `runner(fn, chunks)` maps the forward over the chunks (default: one after another;
     `Lockstep.run` for the pipeline's single calibration pass).
     """
-    dtype = _dtype_of(block)
+    dtype = block_dtype(block)
     kwargs = cast_kwargs(inputs.kwargs, dtype)
 
     def forward(h: torch.Tensor) -> torch.Tensor:
