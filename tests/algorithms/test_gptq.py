@@ -48,7 +48,8 @@ def test_gptq_beats_rtn_on_layer_output(spec, act_order, bound):
     e_rtn = float(((X @ (W - rtn).T) ** 2).mean())
     e_gptq = float(((X @ (W - res.qweight.dequantize()).T) ** 2).mean())
     assert e_gptq / e_rtn < bound
-    assert res.error == pytest.approx(output_error(W, res.qweight.dequantize(), H), rel=1e-5)
+    # the reported error uses bf16 products (hessian.output_error_rows): within 0.1% of float32
+    assert res.error == pytest.approx(output_error(W, res.qweight.dequantize(), H), rel=1e-3)
     codes = res.qweight.codes
     assert int(codes.min()) >= spec.qmin and int(codes.max()) <= spec.qmax
     assert codes.dtype == (torch.int8 if spec.symmetric else torch.uint8)

@@ -174,21 +174,22 @@ def _search_clip(W, X, spec, H, n_grid, max_shrink):
     grouped = to_groups(W, spec) if spec.dtype == "int" else None  # [rows, ng, gs]
     if grouped is not None:
         gmin, gmax = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        Wt = grouped.transpose(0, 1).contiguous()  # [ng, rows, gs]: the layout bmm takes, made once
     for i in range(steps + 1):
         f = 1.0 - i / n_grid
         if grouped is not None:
             # the same arithmetic as choose_qparams(W, spec, shrink=f) -> quantize_codes -> dequantize,
-            # on the [rows, ng, gs] view with broadcast parameters (no expanded copies)
+            # on the grouped view with broadcast parameters (no expanded copies)
             scale, zero = range_to_qparams(gmin * f, gmax * f, spec)
-            sc = scale.unsqueeze(-1)
-            q = grouped / sc
+            sc = scale.T.unsqueeze(-1)  # [ng, rows, 1]
+            q = Wt / sc
             if zero is not None:
-                zc = zero.unsqueeze(-1)
+                zc = zero.T.unsqueeze(-1)
                 q = q.add_(zc).round_().clamp_(spec.qmin, spec.qmax).sub_(zc)
             else:
                 q = q.round_().clamp_(spec.qmin, spec.qmax)
-            Dt = (grouped - q.mul_(sc)).transpose(0, 1)  # [ng, rows, gs]
-            err = (torch.bmm(Dt, G) * Dt).sum(-1).transpose(0, 1)
+            Dt = torch.sub(Wt, q.mul_(sc), out=q)  # [ng, rows, gs]
+            err = (torch.bmm(Dt, G).mul_(Dt)).sum(-1).T
         else:
             scale, zero = choose_qparams(W, spec, shrink=f)
             Wq = dequantize(quantize_codes(W, scale, zero, spec), scale, zero, spec)

@@ -39,6 +39,7 @@ __all__ = ["GPTQResult", "HessianAccumulator", "QParamsFn", "gptq", "quantize_we
 QParamsFn = Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor | None]]
 
 MAX_DAMP = 100.0
+SUB_BLOCK = 16  # columns per sub-block of the rank-1 updates inside a lazy-update block
 
 
 def minmax_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -75,16 +76,21 @@ def _check(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str) -> None
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, raising damp x10 until it factorises."""
+    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ = UᵀU, raising damp x10 until it factorises.
+
+    With P the order-reversing permutation and P·H·P = L·Lᵀ, H⁻¹ = (P·L⁻ᵀ·P)(P·L⁻¹·P) and
+    P·L⁻¹·P is upper triangular with a positive diagonal: U itself. One factorisation and one
+    triangular solve (measured 1.5-2.3x faster here than factorising the explicit inverse again).
+    """
     mean_diag = float(H.diagonal().mean())
     d = float(damp)
     eye = torch.eye(H.shape[0], dtype=H.dtype)
     while True:
         Hd = H + (d * mean_diag) * eye
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if all_finite(U):
                 return U, d
         new = d * 10 if d > 0 else 1e-4
         if new > MAX_DAMP:
@@ -169,48 +175,65 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
 
     # The column loop works on transposed copies [cols, rows]: each column is a contiguous row,
     # and the rank-1 updates touch contiguous memory (measured ~5x faster than column slices).
+    # Row i of Hs is Hinv's row i over its diagonal, so a column's plain rounding error w - q(w)
+    # drives the updates (no per-column division), and the dequantized weights are formed from
+    # the codes once, after the loop: four or five ops per column.
+    Hs = Hinv / Hinv.diagonal()[:, None]
+    del Hinv
     WT = W.T.contiguous()
-    QdT = torch.empty(cols, rows)  # dequantized, processing order
     CT = torch.empty(cols, rows)  # codes as floats, processing order
-    hdiag = Hinv.diagonal().tolist()
+    groups = col_group.tolist()
     cur_g = -1
-    s = inv_s = z = None
+    s = inv_s = z = zs = None
     with one_thread():  # thousands of small ops: one intra-op thread is faster (threads.one_thread)
         for i1 in range(0, cols, block_size):
             i2 = min(i1 + block_size, cols)
             W1 = WT[i1:i2]  # view: updates land in WT so later columns see them
-            Err1 = torch.empty(i2 - i1, rows)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                j = i1 + i
-                g = int(col_group[j])
-                if g != cur_g:
-                    if fixed_scale is None and j % gs == 0:
-                        sg, zg = qparams_fn(WT[j:j + gs].T, spec)
-                        scale_out[:, g:g + 1] = sg.float().reshape(-1, 1)
-                        if zero_out is not None:
-                            zero_out[:, g:g + 1] = zg.float().reshape(-1, 1)
-                    s = scale_out[:, g].contiguous()
-                    inv_s = 1.0 / s
-                    z = zero_out[:, g].contiguous() if zero_out is not None else None
-                    cur_g = g
-                w = W1[i]
-                q = CT[j]
-                if is_int:
-                    torch.mul(w, inv_s, out=q)
-                    if z is not None:
-                        q.add_(z)
-                    q.round_().clamp_(qmin, qmax)
-                    dq = torch.sub(q, z, out=QdT[j]).mul_(s) if z is not None else torch.mul(q, s, out=QdT[j])
-                else:
-                    idx = nearest_code(w * inv_s, table)
-                    dq = torch.mul(table[idx.long()], s, out=QdT[j])
-                    q.copy_(idx)
-                err = torch.sub(w, dq, out=Err1[i]).div_(hdiag[j])
-                if i + 1 < i2 - i1:
-                    W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1.0)
+            E1 = torch.empty(i2 - i1, rows)
+            Hs1 = Hs[i1:i2, i1:i2]
+            # inside the block, rank-1 updates only within sub-blocks of SUB_BLOCK columns and one
+            # small product per sub-block for the rest of the block (same result, ~1.5x faster)
+            for k1 in range(0, i2 - i1, SUB_BLOCK):
+                k2 = min(k1 + SUB_BLOCK, i2 - i1)
+                for i in range(k1, k2):
+                    j = i1 + i
+                    g = groups[j]
+                    if g != cur_g:
+                        if fixed_scale is None and j % gs == 0:
+                            sg, zg = qparams_fn(WT[j:j + gs].T, spec)
+                            scale_out[:, g:g + 1] = sg.float().reshape(-1, 1)
+                            if zero_out is not None:
+                                zero_out[:, g:g + 1] = zg.float().reshape(-1, 1)
+                        s = scale_out[:, g].contiguous()
+                        inv_s = 1.0 / s
+                        z = zero_out[:, g].contiguous() if zero_out is not None else None
+                        zs = None if z is None else z * s
+                        cur_g = g
+                    w, q, e = W1[i], CT[j], E1[i]
+                    if not is_int:
+                        idx = nearest_code(w * inv_s, table)
+                        q.copy_(idx)
+                        torch.sub(w, table[idx.long()].mul_(s), out=e)
+                    elif z is None:
+                        torch.mul(w, inv_s, out=q).round_().clamp_(qmin, qmax)
+                        torch.addcmul(w, q, s, value=-1.0, out=e)  # w - q·s
+                    else:
+                        torch.addcmul(z, w, inv_s, out=q).round_().clamp_(qmin, qmax)
+                        torch.add(w, zs, out=e).addcmul_(q, s, value=-1.0)  # w - (q - z)·s
+                    if i + 1 < k2:
+                        W1[i + 1:k2].addr_(Hs1[i, i + 1:k2], e, alpha=-1.0)
+                if k2 < i2 - i1:
+                    W1[k2:].addmm_(Hs1[k1:k2, k2:].T, E1[k1:k2], alpha=-1.0)
             if i2 < cols:
-                WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)
+                WT[i2:].addmm_(Hs[i1:i2, i2:].T, E1, alpha=-1.0)
+    del Hs, WT
+    sT = scale_out.T[col_group]  # [cols, rows]: each processed column's scale
+    if not is_int:
+        QdT = table[CT.long()].mul_(sT)
+    elif zero_out is None:
+        QdT = CT * sT
+    else:
+        QdT = (CT - zero_out.T[col_group]).mul_(sT)
     Qd, C = QdT.T.contiguous(), CT.T.contiguous()
 
     g_idx = None
@@ -225,7 +248,7 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
     else:
         codes = C.to(torch.uint8)
     qw = QuantizedWeight(codes, scale_out, zero_out, spec, g_idx)
-    num, den = output_error_rows(W0, Qd, H_in)
+    num, den = output_error_rows(W0, Qd, H_in, dtype=torch.bfloat16)  # a reported figure
     return GPTQResult(qw, Qd, used_damp, float(num.sum() / den.sum().clamp_min(1e-30)), (num, den))
 
 
