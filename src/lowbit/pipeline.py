@@ -24,7 +24,7 @@ from lowbit.core.finite import all_finite, count_nonfinite
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
-from lowbit.models.lazy import materialize_block
+from lowbit.models.lazy import materialize_block, park, unpark
 from lowbit.recipe import Recipe
 from lowbit.runtime.memory import release_free_memory, return_large_frees_to_os, share_one_arena
 
@@ -176,29 +176,33 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
             if hasattr(method, "layer_errors"):
                 method.layer_errors.update(state["layer_errors"])
             inputs = BlockInputs(state["hidden"], inputs.kwargs)
-    bar = tqdm(range(start, len(blocks)), desc=f"{recipe.method} blocks", disable=not progress, unit="block",
-               initial=start, total=len(blocks))
-    for i in bar:
-        prefix = f"{arch.blocks}.{i}"
-        materialize_block(model, i)
-        block = blocks[i]
-        check_finite(model, [n for n in plan if n.startswith(prefix + ".")])
-        if inputs is not None:
-            inputs = BlockInputs(inputs.hidden, block_kwargs[i])
-            done, outputs = _calibrated_block(method, block, prefix, arch, plan, inputs, calib_dtype,
-                                              write_original=not swap)
-            inputs = BlockInputs(outputs, inputs.kwargs)
-        else:
-            done = {f"{prefix}.{n}": _quantize_one(method, f"{prefix}.{n}", get_module(block, n), plan[f"{prefix}.{n}"],
-                                                   None, write_back=not swap)
-                    for n in arch.linears if f"{prefix}.{n}" in plan}
-        if swap:
-            swap_quantized(model, done)
-        qweights.add(done, swapped=swap)
-        if fp is not None:
-            save_state(state_dir, i, fp, qweights, inputs.hidden, getattr(method, "layer_errors", None))
-        del done
-        release_free_memory()  # the block's activations and fp32 weights are gone: return their pages
+    park(model, arch.embed)  # a lazy model's embeddings wait on disk until the blocks are done
+    try:
+        bar = tqdm(range(start, len(blocks)), desc=f"{recipe.method} blocks", disable=not progress, unit="block",
+                   initial=start, total=len(blocks))
+        for i in bar:
+            prefix = f"{arch.blocks}.{i}"
+            materialize_block(model, i)
+            block = blocks[i]
+            check_finite(model, [n for n in plan if n.startswith(prefix + ".")])
+            if inputs is not None:
+                inputs = BlockInputs(inputs.hidden, block_kwargs[i])
+                done, outputs = _calibrated_block(method, block, prefix, arch, plan, inputs, calib_dtype,
+                                                  write_original=not swap)
+                inputs = BlockInputs(outputs, inputs.kwargs)
+            else:
+                done = {f"{prefix}.{n}": _quantize_one(method, f"{prefix}.{n}", get_module(block, n), plan[f"{prefix}.{n}"],
+                                                       None, write_back=not swap)
+                        for n in arch.linears if f"{prefix}.{n}" in plan}
+            if swap:
+                swap_quantized(model, done)
+            qweights.add(done, swapped=swap)
+            if fp is not None:
+                save_state(state_dir, i, fp, qweights, inputs.hidden, getattr(method, "layer_errors", None))
+            del done
+            release_free_memory()  # the block's activations and fp32 weights are gone: return their pages
+    finally:
+        unpark(model)
     rest = [name for name in plan if name not in qweights]  # lm_head and anything outside the blocks
     check_finite(model, rest)
     done = {name: _quantize_one(method, name, get_module(model, name), plan[name], None, write_back=not swap)

@@ -36,6 +36,39 @@ def test_lazy_model_quantizes_exactly_like_an_eager_one(tiny_dir):
     assert torch.equal(lazy(input_ids=x).logits, eager(input_ids=x).logits)
 
 
+def test_embeddings_wait_on_disk_during_the_block_loop(tiny_dir, monkeypatch):
+    """A lazy model's embeddings are parked on meta between capture and the end (also when the
+    loop fails), then read back bit-identical, still tied to the head when they were."""
+    import lowbit.pipeline as pipeline
+
+    eager, _ = load_model(tiny_dir)
+    model, _ = load_model(tiny_dir, lazy=True)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    seen = []
+    real = pipeline.materialize_block
+
+    def spy(m, i):
+        seen.append((m.model.embed_tokens.weight.is_meta, m.lm_head.weight.is_meta))
+        real(m, i)
+
+    monkeypatch.setattr(pipeline, "materialize_block", spy)
+    quantize_model(model, Recipe(SPEC, method="gptq"), get_method("gptq"), IDS, progress=False)
+    assert seen == [(True, tied)] * 2
+    assert not model.model.embed_tokens.weight.is_meta
+    assert torch.equal(model.model.embed_tokens.weight, eager.model.embed_tokens.weight)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    failing, _ = load_model(tiny_dir, lazy=True)
+    monkeypatch.setattr(pipeline, "materialize_block",
+                        lambda m, i: (_ for _ in ()).throw(RuntimeError("stop")) if i == 1 else real(m, i))
+    try:
+        quantize_model(failing, Recipe(SPEC, method="rtn"), get_method("rtn"), None, progress=False)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the loop should have failed")
+    assert torch.equal(failing.model.embed_tokens.weight, eager.model.embed_tokens.weight)
+
+
 def test_swapped_layers_read_back_bit_identical(tiny_dir):
     kept = quantize_model(load_model(tiny_dir)[0], Recipe(SPEC, method="gptq"), get_method("gptq"), IDS,
                           progress=False, swap=False)
