@@ -142,7 +142,8 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
 
     With swap=True each finished block's Linears are replaced by packed QuantLinears at once
     (with a model from `load_lazy`, blocks are read from disk as they are reached, so the
-    full-precision model is never resident whole). With `state_dir`, a calibrated run saves its
+    full-precision model is never resident whole, and its embeddings wait on disk while the blocks
+    are processed: `models.lazy.park`). With `state_dir`, a calibrated run saves its
     state after each block and resumes from it (bit-identical). `low_memory` trades time for peak
     memory (see `runtime.memory.return_large_frees_to_os`).
     """

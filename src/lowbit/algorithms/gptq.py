@@ -177,7 +177,7 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
     # and the rank-1 updates touch contiguous memory (measured ~5x faster than column slices).
     # Row i of Hs is Hinv's row i over its diagonal, so a column's plain rounding error w - q(w)
     # drives the updates (no per-column division), and the dequantized weights are formed from
-    # the codes once, after the loop: four or five ops per column.
+    # the codes once, after the loop: five ops per column (six with a zero point).
     Hs = Hinv / Hinv.diagonal()[:, None]
     del Hinv
     WT = W.T.contiguous()
@@ -192,7 +192,8 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
             E1 = torch.empty(i2 - i1, rows)
             Hs1 = Hs[i1:i2, i1:i2]
             # inside the block, rank-1 updates only within sub-blocks of SUB_BLOCK columns and one
-            # small product per sub-block for the rest of the block (same result, ~1.5x faster)
+            # small product per sub-block for the rest of the block: the same updates in fewer,
+            # larger ops (a 3072x576 layer: 134 -> 102 ms here)
             for k1 in range(0, i2 - i1, SUB_BLOCK):
                 k2 = min(k1 + SUB_BLOCK, i2 - i1)
                 for i in range(k1, k2):
