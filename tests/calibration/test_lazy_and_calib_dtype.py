@@ -36,6 +36,27 @@ def test_lazy_model_quantizes_exactly_like_an_eager_one(tiny_dir):
     assert torch.equal(lazy(input_ids=x).logits, eager(input_ids=x).logits)
 
 
+def _mappings_of(path) -> int:
+    import gc
+    import pathlib
+
+    gc.collect()
+    maps = pathlib.Path("/proc/self/maps")
+    return sum(str(path) in line for line in maps.read_text().splitlines()) if maps.exists() else 0
+
+
+def test_lazy_loading_keeps_no_view_of_the_weight_file(tiny_dir):
+    """Everything a lazy load keeps is a copy: a view of the file mapping keeps every page read
+    through it resident for the whole run."""
+    from pathlib import Path
+
+    weights = Path(tiny_dir) / "model.safetensors"
+    before = _mappings_of(weights)
+    model, _ = load_model(tiny_dir, lazy=True)
+    quantize_model(model, Recipe(SPEC, method="rtn"), get_method("rtn"), None, progress=False)
+    assert _mappings_of(weights) == before
+
+
 def test_embeddings_wait_on_disk_during_the_block_loop(tiny_dir, monkeypatch):
     """A lazy model's embeddings are parked on meta between capture and the end (also when the
     loop fails), then read back bit-identical, still tied to the head when they were."""

@@ -106,7 +106,9 @@ def load_lazy(folder: str | Path, dtype: torch.dtype = torch.float32):
     n_blocks = len(blocks_of(model, arch))
     lazy = LazyBlocks(files, arch.blocks, n_blocks)
     in_blocks = {n for i in range(n_blocks) for n in lazy.names(i)}
-    state = {n: t.to(dtype) for n, t in _read(files, [n for n in files if n not in in_blocks]).items()}
+    # copies: a view would keep the whole file mapping alive, and every page read through it
+    # (blocks, embedding rows) resident (measured 66 MiB at the end of a GPTQ run)
+    state = {n: t.to(dtype, copy=True) for n, t in _read(files, [n for n in files if n not in in_blocks]).items()}
     model.load_state_dict(state, strict=False, assign=True)
     for name, buf in tiny_buffers.items():  # most are non-persistent: load_state_dict skips them
         owner, _, leaf = name.rpartition(".")
