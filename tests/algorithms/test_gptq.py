@@ -31,6 +31,17 @@ def test_hessian_accumulator_matches_definition():
     assert acc.n == 2048 and torch.allclose(acc.H, H, rtol=1e-4, atol=1e-4)
     with pytest.raises(LowbitError, match="features"):
         acc.add(torch.randn(3, 7))
+    # H is built in the sum's memory on first read; more data afterwards, and a state round trip,
+    # still give the definition
+    half = HessianAccumulator(256)
+    half.add(X[:1000])
+    assert torch.allclose(half.H, 2 * X[:1000].T @ X[:1000] / 1000, rtol=1e-4, atol=1e-4)
+    half.add(X[1000:].to(torch.bfloat16))
+    again = HessianAccumulator(256)
+    again.load_state_dict(half.state_dict())
+    Xb = torch.cat([X[:1000], X[1000:].to(torch.bfloat16).float()])
+    for h in (half.H, again.H):
+        assert torch.allclose(h, 2 * Xb.T @ Xb / 2048, rtol=1e-4, atol=1e-4) and torch.equal(h, h.T)
 
 
 @pytest.mark.parametrize("spec, act_order, bound", [

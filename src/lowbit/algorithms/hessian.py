@@ -32,19 +32,10 @@ class HessianAccumulator:
         self.dtype = dtype
         self.name = name
         self._sum = torch.zeros(self.in_features, self.in_features, dtype=dtype)
+        self._H: torch.Tensor | None = None  # H, built in the sum's memory on first read
         self.n = 0
         step = -(-self.in_features // COLUMN_PARTS)
         self._blocks = [(i, min(i + step, self.in_features)) for i in range(0, self.in_features, step)]
-        self._scratch: dict = {}
-
-    def _buffer(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        """A [rows, cols] scratch tensor reused across calls: the products run thousands of times
-        per model, and fresh few-MiB temporaries each time cost page faults once freed memory
-        has been handed back to the OS (`runtime.memory.release_free_memory`)."""
-        buf = self._scratch.get(dtype)
-        if buf is None or buf.numel() < rows * cols:
-            buf = self._scratch[dtype] = torch.empty(rows * cols, dtype=dtype)
-        return buf[: rows * cols].view(rows, cols)
 
     def add(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
@@ -52,15 +43,22 @@ class HessianAccumulator:
                 f"{self.name}: activation has {x.shape[-1]} features, the Hessian expects {self.in_features}"
             )
         x2 = x.detach().reshape(-1, self.in_features)
-        if x2.dtype == torch.bfloat16 and self.dtype == torch.float32 and self.in_features >= BF16_MIN_FEATURES:
+        d = self.in_features
+        if self._H is not None:  # more data after H was read: back to the running lower-triangle sum
+            self._sum, self._H = self._H.tril() * (self.n / 2.0), None
+        # one scratch tensor per call, reused by all its pieces (fresh temporaries per piece cost
+        # page faults once freed memory has been handed back to the OS)
+        if x2.dtype == torch.bfloat16 and self.dtype == torch.float32 and d >= BF16_MIN_FEATURES:
             # bf16 activations: the products run on the bf16 matrix units (~3.5x faster here) and
-            # each piece's partial sum is added to the float32 total
-            # (full products: column blocks save no time here, the float32 additions dominate)
+            # each piece's partial sum is added to the float32 total (full products: column
+            # blocks save no time here, the float32 additions dominate)
+            prod = torch.empty(d, d, dtype=x2.dtype)
             for piece in x2.split(PIECE_ROWS):
-                self._sum.add_(torch.mm(piece.T, piece, out=self._buffer(self.in_features, self.in_features, x2.dtype)))
+                self._sum.add_(torch.mm(piece.T, piece, out=prod))
         else:
+            buf = torch.empty(min(F32_PIECE_ROWS, x2.shape[0]), d, dtype=self.dtype)
             for piece in x2.split(F32_PIECE_ROWS):
-                piece = self._buffer(piece.shape[0], self.in_features, self.dtype).copy_(piece)
+                piece = buf[: piece.shape[0]].copy_(piece)
                 for a, b in self._blocks:
                     self._sum[a:, a:b].addmm_(piece[:, a:].T, piece[:, a:b])
         self.n += x2.shape[0]
@@ -69,14 +67,18 @@ class HessianAccumulator:
     def H(self) -> torch.Tensor:
         if self.n == 0:
             raise LowbitError(f"{self.name}: no calibration activations reached this layer; its Hessian is empty")
-        lower = self._sum.tril()
-        return (lower + lower.tril(-1).T) * (2.0 / self.n)
+        if self._H is None:  # in place: for a 1536-wide layer the sum and a copy are 9 MiB each
+            H = self._sum.tril_()
+            H += H.tril(-1).T
+            self._H, self._sum = H.mul_(2.0 / self.n), None
+        return self._H
 
     def state_dict(self) -> dict:
-        return {"sum": self._sum, "n": self.n}
+        raw = self._sum.clone() if self._H is None else self._H.tril() * (self.n / 2.0)
+        return {"sum": raw, "n": self.n}  # a snapshot: reading H later works in the sum's memory
 
     def load_state_dict(self, state: dict) -> None:
-        self._sum = state["sum"].to(self.dtype)
+        self._sum, self._H = state["sum"].to(self.dtype, copy=True), None
         self.n = int(state["n"])
 
 
