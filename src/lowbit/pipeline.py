@@ -61,7 +61,7 @@ def _working_copy(block, dtype: torch.dtype | None):
     if dtype is None or block_dtype(block) == dtype:
         return block
     work = copy.deepcopy(block).to(dtype)
-    fuse_norms(work)  # same outputs, a quarter of the norms' time and none of their float32 temporaries
+    fuse_norms(work)  # same outputs, faster, without the norms' float32 temporaries
     return work
 
 
@@ -173,9 +173,8 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     if arch.head in plan:
         untie_head(model, arch)
     blocks = blocks_of(model, arch)
-    # swapped layers are read back from their QuantLinear on access, not kept twice (a resumable
-    # run keeps them: its state file is rewritten from them after every block)
-    qweights = QuantizedLayers(model, keep=not swap or state_dir is not None)
+    # swapped layers are read back from their QuantLinear on access, not kept twice
+    qweights = QuantizedLayers(model, keep=not swap)
     inputs = None
     if method.needs_calibration:
         if calib_ids is None or calib_ids.numel() == 0:
@@ -217,7 +216,7 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
                 swap_quantized(model, {n: qw for n, qw in done.items() if not _is_swapped(model, n)})
             qweights.add(done, swapped=swap)
             if fp is not None:
-                save_state(state_dir, i, fp, qweights, inputs.hidden, getattr(method, "layer_errors", None))
+                save_state(state_dir, i, fp, done, inputs.hidden, getattr(method, "layer_errors", None))
             del done
             release_free_memory()  # the block's activations and fp32 weights are gone: return their pages
     finally:
