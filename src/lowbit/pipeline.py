@@ -24,7 +24,6 @@ from lowbit.core.finite import all_finite, count_nonfinite
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
-from lowbit.models.fused_norm import fuse_norms
 from lowbit.models.lazy import materialize_block, park, unpark
 from lowbit.recipe import Recipe
 from lowbit.runtime.memory import release_free_memory, return_large_frees_to_os, share_one_arena
@@ -60,9 +59,7 @@ def _working_copy(block, dtype: torch.dtype | None):
     times faster here), or the block itself. Quantization always reads the original weights."""
     if dtype is None or block_dtype(block) == dtype:
         return block
-    work = copy.deepcopy(block).to(dtype)
-    fuse_norms(work)  # same outputs, faster, without the norms' float32 temporaries
-    return work
+    return copy.deepcopy(block).to(dtype)
 
 
 def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs: BlockInputs,

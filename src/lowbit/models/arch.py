@@ -59,11 +59,6 @@ GEMMA3 = replace(
     norm_offset=1.0,
 )
 
-# Norm classes whose forward is exactly `weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`:
-# calibration forwards run them as torch's fused rms_norm (`models.fused_norm`). Gemma's norm
-# scales by (1 + weight) in float32 and is not among them.
-LLAMA_STYLE_RMSNORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
-
 # model_type (config.json) -> architecture
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA,
