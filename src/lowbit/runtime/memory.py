@@ -63,7 +63,7 @@ def return_large_frees_to_os(threshold: int = 1 << 20) -> bool:
     glibc raises its mmap threshold after large frees (up to 32 MiB), so few-MiB activations then
     come from the heap and their space stays with the process. A fixed threshold unmaps them on
     free: GPTQ on SmolLM2 (64x512) peaked at 790 MiB instead of 932-1017 MiB, but every large
-    temporary is mapped afresh and page-faulted in: 68.7 s instead of 47-49 s. Process-wide
+    temporary is mapped afresh and page-faulted in: 69 s instead of 47-49 s. Process-wide
     and kept (glibc has no way back to the adaptive threshold). No-op elsewhere.
     """
     libc = _libc()
