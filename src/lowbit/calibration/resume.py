@@ -11,14 +11,13 @@ overwritten.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 STATE = "calibration_state.pt"
@@ -28,15 +27,9 @@ def _block_file(state_dir: Path, block: int) -> Path:
     return state_dir / f"block_{block:04d}.pt"
 
 
-def _atomic_save(payload: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save(payload: dict, path: Path) -> None:
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
 def _load(path: Path, fingerprint: str) -> dict:
@@ -55,11 +48,10 @@ def save_state(state_dir: str | Path, block: int, fingerprint: str, block_qweigh
     """Record that `block` is finished: its layers (`block_qweights`, this block's only) and the
     next block's inputs `hidden`."""
     state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
     layers = {n: {"codes": q.codes, "scale": q.scale, "zero": q.zero, "g_idx": q.g_idx, "spec": q.spec.to_dict()}
               for n, q in block_qweights.items()}
-    _atomic_save({"block": block, "fingerprint": fingerprint, "qweights": layers}, _block_file(state_dir, block))
-    _atomic_save({"block": block, "fingerprint": fingerprint, "hidden": hidden,
+    _save({"block": block, "fingerprint": fingerprint, "qweights": layers}, _block_file(state_dir, block))
+    _save({"block": block, "fingerprint": fingerprint, "hidden": hidden,
                   "layer_errors": dict(layer_errors or {})}, state_dir / STATE)
 
 
