@@ -72,9 +72,10 @@ def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs
     Linear of each sequential group every chunk feeds its input to the group's statistics and
     waits; the last chunk quantizes the group, then all chunks go on with the quantized weights.
     The working copy always gets the dequantized weights. The original block's Linears get them
-    too, or with `swap_into` (the model) and a separate working copy, are replaced by packed
-    QuantLinears as soon as their group is done: their float32 weights go at once (10 MiB per
-    SmolLM2 block by the down_proj barrier) and a failure leaves a consistent model.
+    too, or with `swap_into` (the model) are replaced by packed QuantLinears: as soon as their
+    group is done when the forwards run on a separate working copy (their float32 weights go at
+    once, 10 MiB per SmolLM2 block by the down_proj barrier, and a failure leaves a consistent
+    model), else once the forward is over.
     """
     qweights = {}
     local_plan = {n: plan[f"{prefix}.{n}"] for n in arch.linears if f"{prefix}.{n}" in plan}
@@ -132,6 +133,8 @@ def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs
         if tuple(names) not in done:
             raise LowbitError(f"{prefix}: the block's forward never reached {', '.join(names)}; "
                               "the architecture table does not match this model")
+    if swap_into is not None and work is block:  # the forward itself ran on these Linears
+        swap_quantized(swap_into, qweights)
     return qweights, outputs
 
 
@@ -146,6 +149,7 @@ def _group_hook(lock, prefix, names, seen, pending, quantize_group, _module, arg
     seen[c] = weakref.ref(x)
     pending.append(x)  # alive anyway while this chunk waits at the barrier
     lock.barrier(quantize_group)
+
 
 def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None = None,
                    progress: bool = True, swap: bool = True, state_dir=None,
@@ -200,7 +204,7 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
             materialize_block(model, i)
             block = blocks[i]
             check_finite(model, [n for n in plan if n.startswith(prefix + ".")])
-            if inputs is not None:
+            if inputs is not None:  # returns with the block's Linears swapped when `swap`
                 inputs = BlockInputs(inputs.hidden, block_kwargs[i])
                 done, outputs = _calibrated_block(method, block, prefix, arch, plan, inputs, calib_dtype,
                                                   swap_into=model if swap else None)
@@ -209,8 +213,8 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
                 done = {f"{prefix}.{n}": _quantize_one(method, f"{prefix}.{n}", get_module(block, n), plan[f"{prefix}.{n}"],
                                                        None, write_back=not swap)
                         for n in arch.linears if f"{prefix}.{n}" in plan}
-            if swap:
-                swap_quantized(model, {n: qw for n, qw in done.items() if not _is_swapped(model, n)})
+                if swap:
+                    swap_quantized(model, done)
             qweights.add(done, swapped=swap)
             if fp is not None:
                 save_state(state_dir, i, fp, done, inputs.hidden, getattr(method, "layer_errors", None))
@@ -268,12 +272,6 @@ def untie_head(model, arch: Arch) -> None:
     if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False
-
-
-def _is_swapped(model, name: str) -> bool:
-    from lowbit.nn import QuantLinear
-
-    return isinstance(get_module(model, name), QuantLinear)
 
 
 def swap_quantized(model, qweights: dict[str, QuantizedWeight]) -> None:

@@ -7,6 +7,7 @@ from lowbit.algorithms.hessian import BF16_MIN_FEATURES, HessianAccumulator
 from lowbit.algorithms.registry import get_method
 from lowbit.models import load_model
 from lowbit.models.lazy import is_lazy
+from lowbit.nn import QuantLinear
 from lowbit.pipeline import quantize_model
 from lowbit.recipe import Recipe
 from lowbit.spec import QuantSpec
@@ -104,8 +105,11 @@ def test_bf16_calibration_matches_fp32_calibration_closely(tiny_dir):
     errs = {}
     for dtype in (None, torch.bfloat16):
         m = get_method("gptq")
-        quantize_model(load_model(tiny_dir)[0], Recipe(SPEC, method="gptq"), m, ids, progress=False, calib_dtype=dtype)
+        model = load_model(tiny_dir)[0]
+        done = quantize_model(model, Recipe(SPEC, method="gptq"), m, ids, progress=False, calib_dtype=dtype)
         errs[dtype] = m.layer_errors
+        # swapped per group (bf16 working copy) or after the block's forward (fp32: no copy)
+        assert all(isinstance(model.get_submodule(n), QuantLinear) for n in done)
     for n, e in errs[None].items():
         assert abs(errs[torch.bfloat16][n] - e) <= 0.1 * e + 1e-4, (n, e, errs[torch.bfloat16][n])
 
