@@ -90,11 +90,11 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
         L, info = torch.linalg.cholesky_ex(Hd)
         del Hd  # n×n temporaries one at a time: for a 1536-wide layer each is 9 MiB
         if int(info) == 0:
-            eye = torch.eye(H.shape[0], dtype=H.dtype)
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False, out=eye)  # in place
+            Linv = torch.eye(H.shape[0], dtype=H.dtype)
+            torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)  # L⁻¹, in place of I
             del L
             U = Linv.flip(0, 1)
-            del Linv, eye
+            del Linv
             if all_finite(U):
                 return U, d
         new = d * 10 if d > 0 else 1e-4

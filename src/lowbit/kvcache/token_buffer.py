@@ -23,7 +23,7 @@ class TokenBuffer:
     @property
     def nbytes(self) -> int:
         """Bytes allocated (capacity, not just the live tokens)."""
-        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+        return 0 if self.data is None else self.data.nbytes
 
     def view(self) -> torch.Tensor:
         return self.data[..., self.start:self.stop, :]

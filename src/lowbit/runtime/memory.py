@@ -23,9 +23,8 @@ def _libc():
 def release_free_memory() -> bool:
     """glibc: hand the free pages of every malloc arena back to the OS (`malloc_trim(0)`).
 
-    The calibration forwards allocate and free many few-MiB activations from several threads;
-    glibc keeps the freed space in per-thread arenas, so without this resident memory ratchets up
-    block after block. The pipeline calls it at every group barrier and after every block (a few
+    The calibration forwards allocate and free many few-MiB activations; glibc keeps the freed
+    space in its arena, so without this resident memory ratchets up block after block. The pipeline calls it at every group barrier and after every block (a few
     milliseconds each). A fixed 1 MiB mmap threshold holds memory lower still, at a price in time
     (`return_large_frees_to_os`). No-op elsewhere; returns whether it ran.
     """
