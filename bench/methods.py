@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from lowbit.algorithms.registry import get_method
+from lowbit.methods import get_method
 from lowbit.calibration import calibration_batches, eval_windows, load_text, load_text_or_pydoc
 from lowbit.models import load_model
 from lowbit.pipeline import quantize_model
 from lowbit.recipe import Recipe
+from lowbit.runtime import configure
 from lowbit.spec import QuantSpec
 
 SETTINGS = {
@@ -52,12 +53,13 @@ def _rss_mib() -> float:
 
 
 def timing(samples: int, seq_len: int, method: str, low_memory: bool = False) -> dict:
+    configure(low_memory=low_memory)  # the process settings `lowbit quantize` makes
     t0 = time.perf_counter()
     model, tok = load_model("default", lazy=True)  # as `lowbit quantize` does
     calib = calibration_batches(tok, load_text("pydoc").calibration, samples, seq_len)
     t1 = time.perf_counter()
     quantize_model(model, Recipe(SETTINGS["W4 g64 sym"], method=method), get_method(method), calib,
-                   progress=True, swap=True, low_memory=low_memory)
+                   progress=True, swap=True)
     t2 = time.perf_counter()
     return {"method": method, "samples": samples, "seq_len": seq_len, "threads": torch.get_num_threads(),
             "low_memory": low_memory,

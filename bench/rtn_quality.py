@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.algorithms.registry import get_method
+from lowbit.methods import get_method
 from lowbit.calibration import eval_windows, load_text_or_pydoc
 from lowbit.eval.quality import quality_many
 from lowbit.eval.size import bits_per_weight, memory_bytes

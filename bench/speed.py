@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lowbit import QuantSpec, preset
-from lowbit.algorithms.registry import get_method
+from lowbit.methods import get_method
 from lowbit.models import load_model
 from lowbit.pipeline import quantize_model
 from lowbit.recipe import Recipe

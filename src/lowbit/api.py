@@ -1,17 +1,21 @@
-"""The Python API under the CLI: quantize a model end to end and save it."""
+"""The Python API under the CLI: quantize a model end to end and save it; load a checkpoint.
+
+    import lowbit
+    model, tok = lowbit.quantize("default", method="gptq", bits=4, group_size=64, out="out/w4g64")
+    model, tok = lowbit.load("out/w4g64")
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
-from lowbit.algorithms.registry import get_method
 from lowbit.calibration import calibration_batches, load_text
 from lowbit.errors import LowbitError
+from lowbit.export.model import QuantizedModel
 from lowbit.io.atomic import check_output_dir
-from lowbit.io.checkpoint import save_checkpoint
-from lowbit.models import load_model
-from lowbit.pipeline import quantize_model
+from lowbit.methods import get_method
 from lowbit.recipe import Recipe
 from lowbit.spec import QuantSpec
 
@@ -20,39 +24,82 @@ log = logging.getLogger(__name__)
 
 def make_spec(bits: int, group_size: int | None, symmetric: bool, dtype: str = "int",
               integer_zero: bool = True) -> QuantSpec:
-    if not 2 <= bits <= 8:
+    if dtype == "int" and not 2 <= bits <= 8:
         raise LowbitError(f"--bits {bits} is outside 2..8")
     common = dict(bits=bits, dtype=dtype, symmetric=symmetric, integer_zero=integer_zero)
+    if dtype in ("nf4", "fp4"):
+        common["bits"] = 4
+    elif dtype.startswith("fp8"):
+        common["bits"] = 8
     if group_size is None or group_size <= 0:
         return QuantSpec(granularity="channel", **common)
     return QuantSpec(granularity="group", group_size=group_size, **common)
 
 
-def layer_error_report(method, qweights: dict) -> dict:
-    """{layer: {rel_error, error_floor}}: relative output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the
-    calibration inputs, beside 4^-bits, the MSE floor of a b-bit quantizer of a unit-variance
-    Gaussian source. Empty for methods without calibration statistics."""
-    errors = getattr(method, "layer_errors", {}) or {}
-    return {name: {"rel_error": round(float(e), 6), "error_floor": round(4.0 ** -qweights[name].spec.bits, 6)}
-            for name, e in errors.items() if name in qweights}
+def make_recipe(*, method: str = "gptq", bits: int = 4, group_size: int | None = 64, symmetric: bool = True,
+                dtype: str = "int", integer_zero: bool = True, quantize_head: bool = False,
+                ignore: tuple[str, ...] = (), options: dict | None = None) -> Recipe:
+    recipe = Recipe(spec=make_spec(bits, group_size, symmetric, dtype, integer_zero), method=method,
+                    ignore=tuple(ignore), quantize_head=quantize_head, options=dict(options or {}))
+    get_method(recipe.method, recipe.options)  # unknown or mistyped options fail before any work
+    return recipe
 
 
-def quantize(model_source: str, out: str | Path | None, recipe: Recipe, *, calib_text: str = "pydoc",
-             n_samples: int = 64, seq_len: int = 512, overwrite: bool = False, progress: bool = True,
-             state_dir: str | Path | None = None, low_memory: bool = False):
-    """Load, quantize per recipe, save atomically to `out` (if given); returns (model, tokenizer)."""
+def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, calib_text: str = "pydoc",
+                n_samples: int = 64, seq_len: int = 512, overwrite: bool = False, progress: bool = True,
+                state_dir: str | Path | None = None, fmt: str = "lowbit", format_options: dict | None = None):
+    """Load, quantize per recipe, save atomically to `out` (if given) in format `fmt`; returns
+    (model, tokenizer)."""
+    from lowbit.export import format_module
+    from lowbit.models import load_model
+    from lowbit.pipeline import quantize_model
+
+    writer = format_module(fmt)  # an unknown format fails before any work
     if out is not None:
         check_output_dir(out, overwrite)  # refuse before any work
-    method = get_method(recipe.method, **recipe.options)
+    method = get_method(recipe.method, recipe.options)
     model, tokenizer = load_model(model_source, lazy=True)  # blocks read from disk as the pipeline reaches them
     calib = None
     if method.needs_calibration:
         split = load_text(calib_text)
         calib = calibration_batches(tokenizer, split.calibration, n_samples, seq_len)
-    qweights = quantize_model(model, recipe, method, calib, progress=progress, state_dir=state_dir,
-                              low_memory=low_memory)
+    records = quantize_model(model, recipe, method, calib, progress=progress, state_dir=state_dir)
     if out is not None:
-        save_checkpoint(model, tokenizer, out, method=recipe.method, source=str(model_source),
-                        overwrite=overwrite, extra={"calibration": calib_text if calib is not None else None},
-                        layer_extra=layer_error_report(method, qweights))
+        qm = QuantizedModel.from_model(model, tokenizer, records, method=recipe.method,
+                                       options=dataclasses.asdict(method.options), source=str(model_source),
+                                       calibration=calib_text if calib is not None else None)
+        writer.write(qm, out, overwrite=overwrite, **(format_options or {}))
     return model, tokenizer
+
+
+def quantize(model: str = "default", *, method: str = "gptq", bits: int = 4, group_size: int | None = 64,
+             symmetric: bool = True, dtype: str = "int", quantize_head: bool = False, ignore: tuple[str, ...] = (),
+             options: dict | None = None, recipe: Recipe | str | Path | None = None, out: str | Path | None = None,
+             calib: str = "pydoc", samples: int = 64, seq_len: int = 512, overwrite: bool = False,
+             state_dir: str | Path | None = None, progress: bool = True, format: str = "lowbit",
+             format_options: dict | None = None):
+    """Quantize `model` (a folder, .gguf, hub name or "default") as `lowbit quantize` does and save it
+    to `out` when given; returns (model, tokenizer) with QuantLinear kernels in place.
+
+    `recipe` (a Recipe or a YAML path) replaces method/bits/group_size/symmetric/dtype/...;
+    `options` are the method's options (e.g. {"damp": 0.02} for GPTQ), checked before any work;
+    `format` one of `lowbit.export.FORMATS` (with `format_options`, e.g. {"type": "Q4_0"} for gguf).
+    """
+    from lowbit.recipe import load_recipe
+
+    if recipe is None:
+        recipe = make_recipe(method=method, bits=bits, group_size=group_size, symmetric=symmetric, dtype=dtype,
+                             quantize_head=quantize_head, ignore=ignore, options=options)
+    elif not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return quantize_to(model, out, recipe, calib_text=calib, n_samples=samples, seq_len=seq_len,
+                       overwrite=overwrite, progress=progress, state_dir=state_dir, fmt=format,
+                       format_options=format_options)
+
+
+def load(path: str | Path):
+    """(model, tokenizer) from a lowbit checkpoint (QuantLinear kernels), or any model `lowbit`
+    loads (folder, .gguf, "default")."""
+    from lowbit.models import load_model
+
+    return load_model(str(path))

@@ -26,7 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
 from lowbit.models.lazy import materialize_block, park, unpark
 from lowbit.recipe import Recipe
-from lowbit.runtime.memory import release_free_memory, return_large_frees_to_os, share_one_arena
+from lowbit.runtime.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ def _quantize_one(method, name, linear, spec, stats, write_back: bool = True) ->
     if write_back:  # later groups and blocks must see this layer's quantized outputs
         linear.weight.data.copy_(qw.dequantize(linear.weight.dtype))
     return qw
-
-
-def _quantize_group(method, names: list[str], weights: list[torch.Tensor], specs: list, stats: list) -> list:
-    """One sequential group's Linears; methods with `quantize_group` may share work across them
-    (GPTQ stacks Linears that read the same input into one run)."""
-    if hasattr(method, "quantize_group"):
-        return method.quantize_group(names, weights, specs, stats)
-    return [method.quantize_linear(n, w, sp, st) for n, w, sp, st in zip(names, weights, specs, stats)]
 
 
 def _working_copy(block, dtype: torch.dtype | None):
@@ -96,7 +88,7 @@ def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs
                     stats[n].add(x)
         pending.clear()
         originals = [get_module(block, n) for n in names]
-        results = _quantize_group(method, [f"{prefix}.{n}" for n in names],
+        results = method.quantize_group([f"{prefix}.{n}" for n in names],
                                   [lin.weight.detach().float() for lin in originals],
                                   [local_plan[n] for n in names], [stats[n] for n in names])
         for n, lin, qw in zip(names, originals, results):
@@ -153,7 +145,7 @@ def _group_hook(lock, prefix, names, seen, pending, quantize_group, _module, arg
 
 def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None = None,
                    progress: bool = True, swap: bool = True, state_dir=None,
-                   calib_dtype: torch.dtype | None = torch.bfloat16, low_memory: bool = False) -> "QuantizedLayers":
+                   calib_dtype: torch.dtype | None = torch.bfloat16) -> "QuantizedLayers":
     """Quantize `model` in place per `recipe` with `method`; returns {name: QuantizedWeight}.
 
     Calibration forwards (and the activations kept between blocks) run in `calib_dtype` (None:
@@ -163,19 +155,19 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     (with a model from `load_lazy`, blocks are read from disk as they are reached, so the
     full-precision model is never resident whole, and its embeddings wait on disk while the blocks
     are processed: `models.lazy.park`). With `state_dir`, a calibrated run saves its
-    state after each block and resumes from it (bit-identical). `low_memory` trades time for peak
-    memory (see `runtime.memory.return_large_frees_to_os`).
+    state after each block and resumes from it (bit-identical). Process-wide memory settings are
+    not touched here: `lowbit.runtime.configure()` sets them (the CLI calls it).
+
+    The returned records are the methods' own (with their measured `error`), held compactly in
+    lowbit's packed layout, never read back out of a kernel's layout.
     """
     arch = arch_for(model)
     plan = recipe.plan(model, arch)
-    share_one_arena()  # before the lockstep threads exist
-    if low_memory:
-        return_large_frees_to_os()
     if arch.head in plan:
         untie_head(model, arch)
     blocks = blocks_of(model, arch)
     # swapped layers are read back from their QuantLinear on access, not kept twice
-    qweights = QuantizedLayers(model, keep=not swap)
+    qweights = QuantizedLayers()
     inputs = None
     if method.needs_calibration:
         if calib_ids is None or calib_ids.numel() == 0:
@@ -184,16 +176,17 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     start = 0
     fp = None
     if state_dir is not None and inputs is not None:
-        fp = fingerprint(recipe, calib_ids, model, extra=str(calib_dtype))
+        fp = fingerprint(recipe, calib_ids, model, extra=f"{calib_dtype}|{method.fingerprint()}")
         state = load_state(state_dir, fp)
         if state is not None:
             start = state["block"] + 1
             for i in range(start):
                 materialize_block(model, i)
+            for name, err in state["layer_errors"].items():
+                if name in state["qweights"]:
+                    state["qweights"][name].error = err
             _install(model, state["qweights"], swap)
-            qweights.add(state["qweights"], swapped=swap)
-            if hasattr(method, "layer_errors"):
-                method.layer_errors.update(state["layer_errors"])
+            qweights.add(state["qweights"])
             inputs = BlockInputs(state["hidden"], inputs.kwargs)
     park(model, arch.embed)  # a lazy model's embeddings wait on disk until the blocks are done
     try:
@@ -215,9 +208,10 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
                         for n in arch.linears if f"{prefix}.{n}" in plan}
                 if swap:
                     swap_quantized(model, done)
-            qweights.add(done, swapped=swap)
+            qweights.add(done)
             if fp is not None:
-                save_state(state_dir, i, fp, done, inputs.hidden, getattr(method, "layer_errors", None))
+                save_state(state_dir, i, fp, done, inputs.hidden,
+                           {n: qw.error for n, qw in qweights.items() if qw.error is not None})
             del done
             release_free_memory()  # the block's activations and fp32 weights are gone: return their pages
     finally:
@@ -228,26 +222,28 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
             for name in rest}
     if swap:
         swap_quantized(model, done)
-    qweights.add(done, swapped=swap)
+    qweights.add(done)
     return qweights
 
 
 class QuantizedLayers(Mapping):
-    """{name: QuantizedWeight} of a quantized model. Layers already swapped into a QuantLinear
-    are unpacked from it on access (bit-identical) unless `keep`, so the codes are not resident
-    twice while the rest of the model is being quantized."""
+    """{name: QuantizedWeight}: the records of a quantized model, held bit-packed (lowbit's file
+    layout: 4-bit codes take half a byte) and unpacked on access, bit-identical."""
 
-    def __init__(self, model, keep: bool = True):
-        self._model, self._keep = model, keep
-        self._held: dict[str, QuantizedWeight | None] = {}
+    def __init__(self):
+        self._held: dict[str, tuple] = {}
 
-    def add(self, qweights: dict[str, QuantizedWeight], swapped: bool) -> None:
+    def add(self, qweights: dict[str, QuantizedWeight]) -> None:
+        from lowbit.export.lowbit import layer_tensors
+
         for name, qw in qweights.items():
-            self._held[name] = qw if (self._keep or not swapped) else None
+            self._held[name] = (layer_tensors(name, qw), qw.spec, qw.shape, qw.error)
 
     def __getitem__(self, name: str) -> QuantizedWeight:
-        qw = self._held[name]
-        return get_module(self._model, name).to_quantized() if qw is None else qw
+        from lowbit.export.lowbit import read_layer
+
+        tensors, spec, shape, error = self._held[name]
+        return read_layer(tensors, name, spec, shape, error)
 
     def __iter__(self):
         return iter(self._held)

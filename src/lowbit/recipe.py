@@ -55,40 +55,92 @@ class Recipe:
         return plan
 
 
-def _spec_from(d: dict, base: QuantSpec | None = None) -> QuantSpec:
+SPEC_KEYS = {"bits": int, "dtype": str, "symmetric": bool, "granularity": str, "group_size": (int, type(None)),
+             "integer_zero": bool, "scale_dtype": str}
+TOP_KEYS = {"method", "ignore", "overrides", "quantize_head", "options", *SPEC_KEYS}
+
+
+def _typed(where: str, key: str, value, types):
+    types = types if isinstance(types, tuple) else (types,)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else {"int": "an integer", "str": "a string",
+                                                              "bool": "true or false"}[t.__name__] for t in types)
+        raise LowbitError(f"{where}: {key!r} must be {names}; got {value!r}")
+    return value
+
+
+def _regex(where: str, pattern) -> str:
+    if not isinstance(pattern, str):
+        raise LowbitError(f"{where}: {pattern!r} is not a string (a regex of module names)")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise LowbitError(f"{where}: {pattern!r} is not a valid regex ({e})") from None
+    return pattern
+
+
+def _spec_from(d: dict, base: QuantSpec | None = None, where: str = "recipe") -> QuantSpec:
     merged = dict(base.to_dict()) if base else {}
-    merged.update(d)
+    for k, v in d.items():
+        merged[k] = _typed(where, k, v, SPEC_KEYS[k])
     if "group_size" in d and d["group_size"] and "granularity" not in d:
         merged["granularity"] = "group"
     try:
         return QuantSpec.from_dict(merged)
-    except TypeError as e:
-        raise LowbitError(f"bad spec {d}: {e}") from None
+    except LowbitError as e:
+        raise LowbitError(f"{where}: {e}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """YAML: {method, bits, group_size, symmetric, ignore: [regex], overrides: [{pattern, bits, ...}],
-    quantize_head, options: {...}}."""
+    """YAML: {method, bits, dtype, symmetric, granularity, group_size, integer_zero, scale_dtype,
+    ignore: [regex], overrides: [{pattern, bits, ...}], quantize_head, options: {...}}. Every key
+    and value is checked; the first problem raises one LowbitError naming the file and the key."""
     import yaml
+
+    from lowbit.methods import get_method
 
     path = Path(path)
     if not path.is_file():
         raise LowbitError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise LowbitError(f"recipe {path} is not valid YAML: {e}") from None
-    base = _spec_from({k: data[k] for k in ("bits", "dtype", "symmetric", "granularity", "group_size") if k in data})
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise LowbitError(f"recipe {path} must be a mapping of key: value at the top level; got a {type(data).__name__}")
+    unknown = sorted(set(map(str, data)) - TOP_KEYS)
+    if unknown:
+        raise LowbitError(f"recipe {path}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(TOP_KEYS))}")
+    where = f"recipe {path}"
+    base = _spec_from({k: data[k] for k in SPEC_KEYS if k in data}, where=where)
+    ignore = data.get("ignore", [])
+    if not isinstance(ignore, list):
+        raise LowbitError(f"{where}: 'ignore' must be a list of regexes; got {ignore!r}")
     overrides = []
-    for o in data.get("overrides", []):
-        if "pattern" not in o:
-            raise LowbitError(f"recipe {path}: every override needs a 'pattern' (regex of module names)")
-        overrides.append((o["pattern"], _spec_from({k: v for k, v in o.items() if k != "pattern"}, base)))
+    raw_overrides = data.get("overrides", [])
+    if not isinstance(raw_overrides, list):
+        raise LowbitError(f"{where}: 'overrides' must be a list of {{pattern: regex, bits: ..., ...}}")
+    for i, o in enumerate(raw_overrides):
+        w = f"{where}: overrides[{i}]"
+        if not isinstance(o, dict) or "pattern" not in o:
+            raise LowbitError(f"{w} needs a 'pattern' (regex of module names) and spec keys")
+        bad = sorted(set(o) - {"pattern"} - set(SPEC_KEYS))
+        if bad:
+            raise LowbitError(f"{w}: unknown key {bad[0]!r}; valid keys: pattern, {', '.join(SPEC_KEYS)}")
+        overrides.append((_regex(w, o["pattern"]), _spec_from({k: v for k, v in o.items() if k != "pattern"}, base, w)))
+    method = _typed(where, "method", data.get("method", "rtn"), str)
+    options = data.get("options") or {}
+    try:
+        get_method(method, options)  # unknown or mistyped options fail here, before any work
+    except LowbitError as e:
+        raise LowbitError(f"{where}: {e}") from None
     return Recipe(
         spec=base,
-        method=data.get("method", "rtn"),
-        ignore=tuple(data.get("ignore", [])),
+        method=method,
+        ignore=tuple(_regex(f"{where}: ignore", p) for p in ignore),
         overrides=tuple(overrides),
-        quantize_head=bool(data.get("quantize_head", False)),
-        options=dict(data.get("options", {})),
+        quantize_head=_typed(where, "quantize_head", data.get("quantize_head", False), bool),
+        options=dict(options),
     )

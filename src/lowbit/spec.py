@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from lowbit.errors import LowbitError
 
 DTYPES = ("int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2")
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
 GRANULARITIES = ("tensor", "channel", "group", "token")
 
 
@@ -21,6 +22,10 @@ class QuantSpec:
     is exact, as GPTQ / AutoAWQ layouts require); `integer_zero=False` keeps z = -min/s as a float,
     so a group's min and max are both exact (llama.cpp's Q4_1, HQQ, torch's int4 kernel). Measured
     on SmolLM2 (bench/rtn_quality.py): integer zeros win at 3 bits, float zeros reproduce Q4_1.
+
+    scale_dtype: how scales (and float zero points) are stored; float16 by default, as every
+    consumer format stores them. Methods quantize against the rounded values (`core.qparams.
+    round_params`), so what is saved is exactly what was optimised.
     """
 
     bits: int = 4
@@ -29,6 +34,7 @@ class QuantSpec:
     granularity: str = "group"
     group_size: int | None = 64
     integer_zero: bool = True
+    scale_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -37,6 +43,8 @@ class QuantSpec:
             raise LowbitError(
                 f"QuantSpec.granularity={self.granularity!r} is unknown; choose one of {GRANULARITIES}"
             )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise LowbitError(f"QuantSpec.scale_dtype={self.scale_dtype!r} is unknown; choose one of {SCALE_DTYPES}")
         if self.dtype == "int" and not (2 <= int(self.bits) <= 8):
             raise LowbitError(f"bits={self.bits} is outside 2..8; lowbit's integer formats take 2 to 8 bits")
         if self.dtype in ("nf4", "fp4") and self.bits != 4:
@@ -79,23 +87,31 @@ class QuantSpec:
                 f"group sizes that divide it: {divisors or 'none of 32/64/128/256'}"
             )
 
+    @property
+    def torch_scale_dtype(self):
+        import torch
+
+        return getattr(torch, self.scale_dtype)
+
     def describe(self) -> str:
         if self.dtype != "int":
             base = self.dtype.upper()
         else:
             base = f"int{self.bits} {'sym' if self.symmetric else ('asym' if self.integer_zero else 'asym-fz')}"
+        tail = "" if self.scale_dtype == "float16" else f" {self.scale_dtype} scales"
         if self.granularity == "group":
-            return f"{base} g{self.group_size}"
-        return f"{base} per-{self.granularity}"
+            return f"{base} g{self.group_size}{tail}"
+        return f"{base} per-{self.granularity}{tail}"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        return cls(**{k: d[k] for k in ("bits", "dtype", "symmetric", "granularity", "group_size", "integer_zero")
-                      if k in d})
+        return cls(**{k: d[k] for k in FIELDS if k in d})
 
+
+FIELDS = ("bits", "dtype", "symmetric", "granularity", "group_size", "integer_zero", "scale_dtype")
 
 PRESETS: dict[str, QuantSpec] = {
     "W8": QuantSpec(bits=8, symmetric=True, granularity="channel"),

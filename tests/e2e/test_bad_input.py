@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.api import make_spec, quantize
+from lowbit.api import make_spec
+from lowbit.api import quantize_to as quantize
 from lowbit.calibration import calibration_batches, eval_windows, load_text
 from lowbit.errors import LowbitError
 from lowbit.models import load_model
@@ -110,11 +111,11 @@ def test_empty_text(tmp_path, smol):
 
 def test_failed_run_leaves_previous_output(tiny_copy, tmp_path, monkeypatch):
     """--overwrite of a good model by a run that fails midway keeps the good model."""
-    from lowbit.io import checkpoint
+    from lowbit.export import lowbit as checkpoint
 
     out = tmp_path / "out"
     quantize(str(tiny_copy), out, Recipe(QuantSpec(bits=4, group_size=64)))
-    before = (out / "model.safetensors").read_bytes()
+    before = (out / "lowbit.safetensors").read_bytes()
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -122,5 +123,5 @@ def test_failed_run_leaves_previous_output(tiny_copy, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "save_file", boom)
     with pytest.raises(RuntimeError):
         quantize(str(tiny_copy), out, Recipe(QuantSpec(bits=2, group_size=64)), overwrite=True)
-    assert (out / "model.safetensors").read_bytes() == before
+    assert (out / "lowbit.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

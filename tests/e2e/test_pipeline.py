@@ -7,10 +7,11 @@ import sys
 import pytest
 import torch
 
-from lowbit.algorithms.registry import get_method
-from lowbit.api import quantize
+from lowbit.methods import get_method
+from lowbit.methods.base import Method
+from lowbit.api import quantize_to as quantize
 from lowbit.errors import LowbitError
-from lowbit.io.checkpoint import load_checkpoint, read_manifest
+from lowbit.export.lowbit import load as load_checkpoint, read_manifest
 from lowbit.models import load_model
 from lowbit.nn import QuantLinear
 from lowbit.pipeline import quantize_model
@@ -102,13 +103,14 @@ class _Recorder:
         self.xs.append(x.detach().clone())
 
 
-class RecordingRTN:
+class RecordingRTN(Method):
     """RTN that asks for calibration and records what every Linear saw."""
 
     name = "recording"
     needs_calibration = True
 
     def __init__(self):
+        super().__init__()
         self.seen = {}
 
     def make_stats(self, name, linear):
@@ -119,9 +121,9 @@ class RecordingRTN:
         return False
 
     def quantize_linear(self, name, W, spec, stats):
-        from lowbit.algorithms.rtn import quantize_weight
+        from lowbit.core.quantize import quantize
 
-        return quantize_weight(W, spec)
+        return quantize(W, spec)
 
 
 def test_calibration_is_block_and_group_sequential(tiny_dir):
@@ -175,14 +177,14 @@ def test_interrupted_gptq_run_resumes_bit_identically(tiny_dir, tmp_path):
         model, _ = load_model(tiny_dir)
         method = get_method("gptq")
         if fail_at is not None:
-            inner = method.quantize_linear
+            inner = method.quantize_group
 
-            def quantize_linear(name, W, spec, stats):
-                if name.startswith(f"model.layers.{fail_at}."):
+            def quantize_group(names, *args):
+                if names[0].startswith(f"model.layers.{fail_at}."):
                     raise KeyboardInterrupt
-                return inner(name, W, spec, stats)
+                return inner(names, *args)
 
-            method.quantize_linear = quantize_linear
+            method.quantize_group = quantize_group
         return quantize_model(model, recipe, method, ids, progress=False, swap=False, state_dir=state_dir)
 
     reference = run(None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.algorithms.registry import get_method
+from lowbit.methods import get_method
 from lowbit.eval.quality import quality_pair
 from lowbit.eval.size import memory_bytes
 from lowbit.models import load_model

@@ -1,9 +1,23 @@
+import functools
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowbit.kvcache.packing import pack_bits, pack_mixed, packed_nbytes, unpack_bits, unpack_mixed
+from lowbit.core import packing
+from lowbit.kvcache.packing import pack_mixed, unpack_mixed
+
+pack_bits = functools.partial(packing.pack_bits, container=torch.uint8)
+
+
+def unpack_bits(p, bits, n):
+    return packing.unpack_bits(p, bits, n).long()
+
+
+def packed_nbytes(n, bits):
+    return packing.packed_len(n, bits, torch.uint8)
+
 
 
 @given(bits=st.integers(1, 8), n=st.integers(1, 70), rows=st.integers(1, 4), seed=st.integers(0, 2**16))
@@ -33,5 +47,5 @@ def test_pack_mixed_is_gap_free(widths, seed):
 def test_bad_bits_named():
     with pytest.raises(ValueError, match="bits"):
         pack_bits(torch.zeros(3, dtype=torch.long), 9)
-    with pytest.raises(ValueError, match="bytes per vector"):
+    with pytest.raises(ValueError, match="words per row"):
         unpack_bits(torch.zeros(1, 5, dtype=torch.uint8), 3, 8)

@@ -13,7 +13,9 @@ def int_specs(draw, bits=st.integers(2, 8)):
     gran = draw(st.sampled_from(["tensor", "channel", "group"]))
     gs = draw(st.sampled_from([4, 8, 16, 32])) if gran == "group" else None
     izero = draw(st.booleans())
-    return QuantSpec(bits=b, dtype="int", symmetric=sym, granularity=gran, group_size=gs, integer_zero=izero)
+    sdt = draw(st.sampled_from(["float16", "float16", "bfloat16", "float32"]))
+    return QuantSpec(bits=b, dtype="int", symmetric=sym, granularity=gran, group_size=gs, integer_zero=izero,
+                     scale_dtype=sdt)
 
 
 @st.composite

@@ -62,12 +62,14 @@ def test_symmetric_means_zero_point_none_and_zero_maps_to_zero(sx):
         z = quantize_codes(torch.zeros_like(x), scale, zero, spec)
         assert bool((dequantize(z, scale, zero, spec) == 0).all())
     else:
-        # float zero point: each group's min and max are the end codes, both (nearly) exact
+        # float zero point: each group's min and max are the end codes, exact up to the rounding
+        # of scale and zero to their storage dtype (float16: 2**-11 relative each)
         qw = quantize(x, spec)
         g = to_groups(x, spec)
         dq = to_groups(qw.dequantize(), spec)
         span = (g.amax(-1) - g.amin(-1)).clamp_min(1e-30)
-        tol = 1e-5 * (span + g.abs().amax(-1))
+        rel = {"float32": 1e-5, "bfloat16": 2.0**-7, "float16": 2.0**-10}[spec.scale_dtype]
+        tol = rel * (span + g.abs().amax(-1)) + 1e-7
         assert bool(((dq.amin(-1) - g.amin(-1)).abs() <= tol).all())
         assert bool(((dq.amax(-1) - g.amax(-1)).abs() <= tol).all())
 
@@ -78,3 +80,15 @@ def test_shrink_never_increases_the_scale(sx, shrink):
     s1, _ = choose_qparams(x, spec)
     s2, _ = choose_qparams(x, spec, shrink=shrink)
     assert bool((s2 <= s1 * (1 + 1e-6)).all())
+
+
+@given(spec_and_x())
+def test_record_holds_exactly_the_parameters_the_codes_were_chosen_against(sx):
+    """Scales and zeros are rounded to the storage dtype before the codes are chosen, so the record
+    stores them in that dtype without a second rounding, and re-quantizing reproduces the codes."""
+    spec, x = sx
+    qw = quantize(x, spec)
+    assert qw.scale.dtype == spec.torch_scale_dtype
+    assert qw.zero is None or qw.zero.dtype == spec.torch_scale_dtype
+    assert torch.equal(quantize_codes(x, qw.scale.float(), None if qw.zero is None else qw.zero.float(), spec),
+                       qw.codes)

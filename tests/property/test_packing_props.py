@@ -6,7 +6,6 @@ from hypothesis import strategies as st
 
 from lowbit.core import pack_bits, unpack_bits
 from lowbit.core.packing import packed_len
-from lowbit.nn.dequant import unpack_int32
 
 
 @st.composite
@@ -41,7 +40,7 @@ def test_packing_is_dense(bc):
 def test_fast_unpack_matches_reference(bc):
     bits, c = bc
     p = pack_bits(c, bits, torch.int32)
-    assert torch.equal(unpack_int32(p, bits, c.shape[-1]).to(torch.uint8), c)
+    assert torch.equal(unpack_bits(p, bits, c.shape[-1], torch.int32).to(torch.uint8), c)
 
 
 def test_three_bit_layout_fills_three_words_per_32_codes():

@@ -26,7 +26,7 @@ from lowbit.algorithms.hessian import HessianAccumulator, output_error_rows
 from lowbit.algorithms.threads import one_thread
 from lowbit.core.finite import all_finite
 from lowbit.core.formats import codebook, nearest_code
-from lowbit.core.qparams import choose_qparams
+from lowbit.core.qparams import choose_qparams, round_params
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec
@@ -56,6 +56,16 @@ class GPTQResult:
     damp: float  # dampening actually used (fraction of mean diag H)
     error: float  # relative output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) against the undamped H
     row_error: tuple[torch.Tensor, torch.Tensor]  # per-row numerator and denominator of `error`
+
+
+def _stored(qparams_fn: QParamsFn) -> QParamsFn:
+    """`qparams_fn` with its parameters rounded as they will be stored, so every code is chosen
+    against the exact scale and zero the checkpoint holds."""
+
+    def fn(w: torch.Tensor, spec: QuantSpec):
+        return round_params(*qparams_fn(w, spec), spec)
+
+    return fn
 
 
 def _check(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str) -> None:
@@ -119,7 +129,7 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
     and products around it use all threads.
     """
     _check(W, H, spec, name)
-    qparams_fn = qparams_fn or minmax_qparams
+    qparams_fn = _stored(qparams_fn or minmax_qparams)
     rows, cols = W.shape
     W0 = W.detach().float()
     W = W0.clone()
@@ -138,7 +148,7 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
     # parameters fixed up front: per-channel / per-tensor, or static groups on the original order
     fixed_scale = fixed_zero = None
     if group_params is not None:
-        fixed_scale, fixed_zero = group_params
+        fixed_scale, fixed_zero = round_params(*group_params, spec)
         if tuple(fixed_scale.shape) != (rows, n_groups) and tuple(fixed_scale.shape) != (1, n_groups):
             raise LowbitError(f"{name}: group_params scale has shape {tuple(fixed_scale.shape)}, expected ({rows}, {n_groups})")
         if (fixed_zero is None) != (spec.symmetric or spec.dtype != "int"):

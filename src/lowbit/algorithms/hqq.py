@@ -19,7 +19,7 @@ import torch
 from lowbit.algorithms.threads import one_thread
 from lowbit.core.finite import all_finite
 from lowbit.core.groups import as_2d, to_groups
-from lowbit.core.qparams import EPS
+from lowbit.core.qparams import EPS, round_params
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec
@@ -112,7 +112,7 @@ def _optimize_params(W, spec, *, p, iters, beta, kappa, optimize_scale, name):
         best_err = torch.minimum(err, best_err)
     scale = (best_a * s0).squeeze(-1)
     zero = None if spec.symmetric else best_z.squeeze(-1)
-    return scale, zero
+    return round_params(scale, zero, spec)  # as stored; the codes are chosen against these
 
 
 def codes_for(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:

@@ -15,10 +15,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make models 
 def _register() -> None:
     import importlib.util
 
-    from lowbit.cli import inspect_cmd, models_cmd
+    from lowbit.cli import export_cmd, generate_cmd, inspect_cmd, models_cmd
 
     models_cmd.register(app)
     inspect_cmd.register(app)
+    generate_cmd.register(app)
+    export_cmd.register(app)
     if importlib.util.find_spec("lowbit.cli.kv") is not None:
         from lowbit.cli import kv
 

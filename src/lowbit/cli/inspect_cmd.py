@@ -17,32 +17,33 @@ def register(app: typer.Typer) -> None:
         """Show each quantized layer's spec, shape, bits per weight and size."""
         from lowbit.errors import LowbitError
         from lowbit.eval.size import disk_bytes
-        from lowbit.io.checkpoint import read_manifest
+        from lowbit.export import lowbit as lowbit_format
 
         if not checkpoint.exists():
             raise LowbitError(f"{checkpoint} does not exist")
-        manifest = read_manifest(checkpoint)
+        qm = lowbit_format.read(checkpoint)  # the reader `lowbit eval` loads through
         if as_json:
-            typer.echo(json.dumps(manifest, indent=2))
+            typer.echo(json.dumps({**qm.meta, "layers": {
+                n: {"spec": qw.spec.to_dict(), "shape": list(qw.shape), "bits_per_weight": round(qw.bits_per_weight(), 4),
+                    **({} if qw.error is None else {"rel_error": qw.error})} for n, qw in qm.layers.items()}}, indent=2))
             return
-        from lowbit.spec import QuantSpec
-
-        typer.echo(f"{checkpoint}: method={manifest['method']} source={manifest['source']} "
-                   f"lowbit={manifest['lowbit_version']} size={disk_bytes(checkpoint) / 2**20:.1f} MiB")
-        width = max((len(n) for n in manifest["layers"]), default=5)
+        meta = qm.meta
+        typer.echo(f"{checkpoint}: method={meta.get('method')} source={meta.get('source')} "
+                   f"lowbit={meta.get('lowbit_version')} size={disk_bytes(checkpoint) / 2**20:.1f} MiB")
+        width = max((len(n) for n in qm.layers), default=5)
+        has_err = any(qw.error is not None for qw in qm.layers.values())
         typer.echo(f"{'layer'.ljust(width)}  {'spec':<16} {'shape':<12} {'bits/w':>7} {'KiB':>8}"
-                   + ("  rel.err  floor" if any("rel_error" in v for v in manifest["layers"].values()) else ""))
+                   + ("  rel.err  floor" if has_err else ""))
         total_bits = total_n = 0
-        for name, info in manifest["layers"].items():
-            spec = QuantSpec.from_dict(info["spec"])
-            n = info["shape"][0] * info["shape"][1]
-            bpw = info["bits_per_weight"]
+        for name, qw in qm.layers.items():
+            n = qw.codes.numel()
+            bpw = qw.bits_per_weight()
             total_bits += bpw * n
             total_n += n
-            line = (f"{name.ljust(width)}  {spec.describe():<16} {'x'.join(map(str, info['shape'])):<12} "
+            line = (f"{name.ljust(width)}  {qw.spec.describe():<16} {'x'.join(map(str, qw.shape)):<12} "
                     f"{bpw:>7.3f} {bpw * n / 8 / 1024:>8.1f}")
-            if "rel_error" in info:
-                line += f"  {info['rel_error']:.4f}  {info.get('error_floor', float('nan')):.4f}"
+            if qw.error is not None:
+                line += f"  {qw.error:.4f}  {4.0 ** -qw.spec.bits:.4f}"
             typer.echo(line)
         if total_n:
-            typer.echo(f"{len(manifest['layers'])} layers, {total_bits / total_n:.3f} bits per weight on average")
+            typer.echo(f"{len(qm.layers)} layers, {total_bits / total_n:.3f} bits per weight on average (on disk)")

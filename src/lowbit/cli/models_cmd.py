@@ -9,18 +9,40 @@ from typing import Optional
 import typer
 
 
+def parse_option_args(items: list[str]) -> dict:
+    """`--option key=value` strings -> {key: value}, values read as YAML scalars (0.02, true, [a, b])."""
+    import yaml
+
+    from lowbit.errors import LowbitError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LowbitError(f"--option {item!r} must look like KEY=VALUE, e.g. --option damp=0.02")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise LowbitError(f"--option {item!r}: cannot read the value {value!r}") from None
+    return out
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def quantize(
         model: str = typer.Argument(..., help="model folder, .gguf file, hub name, or 'default'"),
         out: Path = typer.Option(..., "-o", "--out", help="output folder"),
-        method: str = typer.Option("rtn", help="rtn | hqq | gptq | awq | awq+gptq"),
+        method: str = typer.Option("gptq", help="gptq | awq | awq+gptq | hqq | rtn"),
         bits: int = typer.Option(4, help="2..8"),
         group_size: int = typer.Option(64, help="group size along the input dimension; 0 = per channel"),
         sym: bool = typer.Option(True, "--sym/--asym", help="symmetric or asymmetric integers"),
         dtype: str = typer.Option("int", help="int | nf4 | fp4 | fp8_e4m3 | fp8_e5m2"),
         float_zero: bool = typer.Option(False, "--float-zero",
                                         help="asymmetric: float zero points (group min exact, as Q4_1/HQQ)"),
+        option: list[str] = typer.Option([], "--option", help="method option KEY=VALUE (repeatable), e.g. damp=0.02"),
+        fmt: str = typer.Option("lowbit", "--format", help="output format: lowbit | gptq | awq | compressed-tensors "
+                                                           "| bnb-nf4 | gguf"),
+        format_option: list[str] = typer.Option([], "--format-option", help="format option KEY=VALUE (repeatable)"),
         recipe: Optional[Path] = typer.Option(None, help="YAML recipe (overrides --method/--bits/...)"),
         quantize_head: bool = typer.Option(False, "--quantize-head", help="also quantize lm_head"),
         ignore: list[str] = typer.Option([], help="regex of module names to keep in full precision"),
@@ -35,15 +57,18 @@ def register(app: typer.Typer) -> None:
     ):
         """Quantize MODEL and save it in lowbit's format."""
         from lowbit import api
-        from lowbit.recipe import Recipe, load_recipe
+        from lowbit.recipe import load_recipe
+        from lowbit.runtime import configure
 
         if recipe is not None:
             r = load_recipe(recipe)
         else:
-            spec = api.make_spec(bits, group_size, sym, dtype, integer_zero=not float_zero)
-            r = Recipe(spec=spec, method=method, ignore=tuple(ignore), quantize_head=quantize_head)
-        api.quantize(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite,
-                     state_dir=state_dir, low_memory=low_memory)
+            r = api.make_recipe(method=method, bits=bits, group_size=group_size, symmetric=sym, dtype=dtype,
+                                integer_zero=not float_zero, quantize_head=quantize_head, ignore=tuple(ignore),
+                                options=parse_option_args(option))
+        configure(low_memory=low_memory)
+        api.quantize_to(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite,
+                        state_dir=state_dir, fmt=fmt, format_options=parse_option_args(format_option))
         typer.echo(f"saved {out}")
 
     @app.command("eval")

@@ -1,4 +1,4 @@
-"""Bit packing of 2..8-bit codes into int32 or uint8 containers (little-endian bit stream).
+"""The one bit packer: 1..8-bit codes into int32 or uint8 containers (little-endian bit stream).
 
 Codes are packed along the last dimension; 3-bit codes cross container boundaries
 (32 codes fill exactly three int32 words, as in GPTQ's 3-bit layout).
@@ -13,6 +13,11 @@ from lowbit.errors import LowbitError
 _WIDTH = {torch.int32: 32, torch.uint8: 8}
 
 
+def _check_bits(bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise LowbitError(f"bits must be an integer in 1..8 to bit-pack, got bits={bits!r}")
+
+
 def packed_len(n: int, bits: int, container: torch.dtype = torch.int32) -> int:
     w = _WIDTH[container]
     return (n * bits + w - 1) // w
@@ -20,6 +25,7 @@ def packed_len(n: int, bits: int, container: torch.dtype = torch.int32) -> int:
 
 def pack_bits(codes: torch.Tensor, bits: int, container: torch.dtype = torch.int32) -> torch.Tensor:
     """Pack unsigned codes in [0, 2**bits) along the last dim into `container` words."""
+    _check_bits(bits)
     if container not in _WIDTH:
         raise LowbitError(f"container must be torch.int32 or torch.uint8, got {container}")
     w = _WIDTH[container]
@@ -49,8 +55,63 @@ def pack_bits(codes: torch.Tensor, bits: int, container: torch.dtype = torch.int
     return words.to(container)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of pack_bits: the first n codes along the last dim, as uint8."""
+def _cross_tables(bits: int) -> tuple[torch.Tensor, ...]:
+    """Index/shift/mask tables to read 32 codes of `bits` bits from `bits` int32 words."""
+    mask = (1 << bits) - 1
+    lo_idx, hi_idx, shift, lo_mask, hi_mask, hi_shift = [], [], [], [], [], []
+    for i in range(32):
+        w, s = divmod(i * bits, 32)
+        lo_idx.append(w)
+        shift.append(s)
+        if s + bits <= 32:
+            lo_mask.append(mask)
+            hi_idx.append(w)
+            hi_mask.append(0)
+            hi_shift.append(0)
+        else:
+            lo_mask.append((1 << (32 - s)) - 1)
+            hi_idx.append(w + 1)
+            hi_mask.append((1 << (s + bits - 32)) - 1)
+            hi_shift.append(32 - s)
+    i32 = torch.int32
+    return (torch.tensor(lo_idx), torch.tensor(hi_idx), torch.tensor(shift, dtype=i32),
+            torch.tensor(lo_mask, dtype=i32), torch.tensor(hi_mask, dtype=i32), torch.tensor(hi_shift, dtype=i32))
+
+
+_TABLES = {b: _cross_tables(b) for b in (3, 5, 6, 7)}
+
+
+def _unpack_int32(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """int32 words [..., ceil(n*bits/32)] -> int32 codes [..., n], in int32 arithmetic only (fast,
+    and it compiles well: the dequantize kernels call it on every forward)."""
+    lead = words.shape[:-1]
+    if bits == 8:
+        return words.contiguous().view(torch.uint8)[..., :n].to(torch.int32)
+    if 32 % bits == 0:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+        c = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return c.reshape(*lead, -1)[..., :n]
+    chunks = -(-n // 32)
+    pad = chunks * bits - words.shape[-1]
+    if pad:
+        words = torch.nn.functional.pad(words, (0, pad))
+    words = words.reshape(*lead, chunks, bits)
+    lo_idx, hi_idx, shift, lo_mask, hi_mask, hi_shift = _TABLES[bits]
+    lo = (words[..., lo_idx] >> shift) & lo_mask
+    hi = (words[..., hi_idx] & hi_mask) << hi_shift
+    return (lo | hi).reshape(*lead, chunks * 32)[..., :n]
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of pack_bits: the first n codes along the last dim, as `dtype` (uint8 or int32)."""
+    _check_bits(bits)
+    if packed.dtype not in _WIDTH:
+        raise LowbitError(f"packed codes must be int32 or uint8, got {packed.dtype}")
+    if packed.shape[-1] != packed_len(n, bits, packed.dtype):
+        raise LowbitError(f"packed codes have {packed.shape[-1]} words per row, expected "
+                          f"{packed_len(n, bits, packed.dtype)} for {n} codes of {bits} bits")
+    if packed.dtype == torch.int32 and 2 <= bits <= 8:
+        return _unpack_int32(packed, bits, n).to(dtype)
     w = _WIDTH[packed.dtype]
     lead = packed.shape[:-1]
     words = packed.to(torch.int64)
@@ -65,4 +126,4 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         stream = ((words.unsqueeze(-1) >> torch.arange(w, dtype=torch.int64)) & 1).reshape(*lead, -1)
         stream = stream[..., : n * bits].reshape(*lead, n, bits)
         c = (stream << torch.arange(bits, dtype=torch.int64)).sum(-1)
-    return c[..., :n].to(torch.uint8)
+    return c[..., :n].to(dtype)

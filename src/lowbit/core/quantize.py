@@ -57,13 +57,27 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 
 @dataclass
 class QuantizedWeight:
-    """Unpacked codes + scale/zero of one 2-D weight. Packing happens in nn/ and export/."""
+    """The quantized-layer record: what every method produces and every kernel and writer consumes.
+
+    codes: unpacked [rows, cols] (int8 signed for symmetric int, uint8 otherwise); scale and zero
+    [rows|1, n_groups|1] held in the spec's `scale_dtype` (float16 by default) — the record refuses
+    values that dtype cannot hold exactly, so what is saved is what the method optimised; g_idx:
+    act-order group of each column (None = contiguous groups); error: the method's measured relative
+    output error on the calibration inputs (None without calibration). Packing happens only in
+    nn/ kernels and export/ writers.
+    """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
     spec: QuantSpec
     g_idx: torch.Tensor | None = None
+    error: float | None = None
+
+    def __post_init__(self) -> None:
+        self.scale = _stored(self.scale, self.spec, "scale")
+        if self.zero is not None:
+            self.zero = _stored(self.zero, self.spec, "zero point")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -72,17 +86,22 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero, self.spec, self.g_idx, dtype)
 
-    def bits_per_weight(self, scale_bits: int = 16) -> float:
-        """Code bits plus the scale and zero storage (at `scale_bits` each), per weight."""
+    def bits_per_weight(self) -> float:
+        """Code bits plus the stored scale, zero and g_idx, per weight (lowbit's file layout)."""
         n = self.codes.numel()
-        side = self.scale.numel() * scale_bits
-        if self.zero is not None:
-            side += self.zero.numel() * (self.spec.bits if _integral(self.zero) else scale_bits)
+        side = sum(t.numel() * t.element_size() * 8 for t in (self.scale, self.zero, self.g_idx) if t is not None)
         return self.spec.bits + side / n
 
 
-def _integral(t: torch.Tensor) -> bool:
-    return bool(torch.equal(t, torch.round(t)))
+def _stored(t: torch.Tensor, spec: QuantSpec, what: str) -> torch.Tensor:
+    dt = spec.torch_scale_dtype
+    if t.dtype == dt:
+        return t
+    out = t.detach().to(dt)
+    if not torch.equal(out.float(), t.detach().float()):
+        raise LowbitError(f"{what} values are not exactly representable in {spec.scale_dtype}; "
+                          "round them with lowbit.core.qparams.round_params before quantizing")
+    return out
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.0) -> QuantizedWeight:
@@ -107,6 +126,6 @@ def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
     for n in sizes:
         sl = slice(start, start + n)
         parts.append(QuantizedWeight(qw.codes[sl].clone(), rows(qw.scale, sl), rows(qw.zero, sl), qw.spec,
-                                     None if qw.g_idx is None else qw.g_idx.clone()))
+                                     None if qw.g_idx is None else qw.g_idx.clone(), qw.error))
         start += n
     return parts

@@ -1,1 +1,1 @@
-"""Reading and writing models: atomic writes, lowbit's own checkpoint format."""
+"""Atomic writes (formats live in `lowbit.export`)."""

@@ -9,7 +9,7 @@ import torch
 from ..errors import LowbitError
 from .base import ChannelSplit, VectorQuantizer, check_bits, check_dim
 from .packed import Packed
-from .packing import pack_bits, unpack_bits
+from lowbit.core.packing import pack_bits, unpack_bits
 
 __all__ = ["KIVI"]
 
@@ -82,7 +82,7 @@ class KIVI(VectorQuantizer):
         codes = torch.round((g - lo.float()) / scale.float()).clamp_(0, qmax)
         codes = self._ungrouped(codes, x.shape)
         return Packed(
-            {"codes": pack_bits(codes, self.int_bits), "scale": scale.squeeze(-1), "zero": lo.squeeze(-1)},
+            {"codes": pack_bits(codes, self.int_bits, torch.uint8), "scale": scale.squeeze(-1), "zero": lo.squeeze(-1)},
             tuple(x.shape), x.dtype,
         )
 

@@ -8,7 +8,7 @@ import torch
 
 from .base import FP16_MAX, VectorQuantizer, check_bits, check_dim
 from .packed import Packed
-from .packing import pack_bits, unpack_bits
+from lowbit.core.packing import pack_bits, unpack_bits
 from .rotation import gaussian_matrix
 
 __all__ = ["QJL"]
@@ -33,7 +33,7 @@ class QJL(VectorQuantizer):
         xf = x.float()
         norm = xf.norm(dim=-1, keepdim=True).clamp(max=FP16_MAX)
         signs = (xf @ self.sketch.to(xf.device).T) >= 0
-        return Packed({"signs": pack_bits(signs, 1), "norm": norm.half()}, tuple(x.shape), x.dtype)
+        return Packed({"signs": pack_bits(signs, 1, torch.uint8), "norm": norm.half()}, tuple(x.shape), x.dtype)
 
     def _dequantize(self, packed: Packed) -> torch.Tensor:
         s = unpack_bits(packed.fields["signs"], 1, self.m).float() * 2 - 1

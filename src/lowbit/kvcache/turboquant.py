@@ -10,7 +10,7 @@ from ..errors import LowbitError
 from .base import FP16_MAX, ChannelSplit, VectorQuantizer, check_bits, check_dim
 from .codebook import sphere_codebook
 from .packed import Packed
-from .packing import pack_bits, unpack_bits
+from lowbit.core.packing import pack_bits, unpack_bits
 from .qjl import QJL
 from .rotation import random_rotation
 
@@ -67,12 +67,12 @@ class TurboQuantMSE(VectorQuantizer):
         rot = self.rotation.to(xf.device)
         y = (xf / norm.clamp_min(1e-30)) @ rot.T * math.sqrt(self.dim)
         codes = self.codebook.encode(y)
-        return Packed({"codes": pack_bits(codes, self.int_bits), "norm": norm.half()}, tuple(x.shape), x.dtype)
+        return Packed({"codes": pack_bits(codes, self.int_bits, torch.uint8), "norm": norm.half()}, tuple(x.shape), x.dtype)
 
     def _dequantize(self, packed: Packed) -> torch.Tensor:
         if self._split is not None:
             return self._split.dequantize(packed)
-        codes = unpack_bits(packed.fields["codes"], self.int_bits, self.dim)
+        codes = unpack_bits(packed.fields["codes"], self.int_bits, self.dim).long()
         y = self.codebook.decode(codes) * (1.0 / math.sqrt(self.dim))
         return (y @ self.rotation.to(y.device)) * packed.fields["norm"].float()
 

@@ -112,10 +112,11 @@ def load_model(source: str | os.PathLike = "default", dtype: torch.dtype = torch
         return _from_folder(default_model_dir(), dtype, lazy)
     path = Path(source)
     if path.is_dir():
-        if (path / "lowbit.json").is_file():
-            from lowbit.io.checkpoint import load_checkpoint
+        from lowbit.export import detect_format, read
 
-            return load_checkpoint(path)
+        if detect_format(path) is not None:  # lowbit's or another tool's quantized checkpoint
+            qm = read(path)
+            return qm.to_module(), qm.tokenizer
         return _from_folder(path, dtype, lazy)
     if path.is_file():
         if path.suffix == ".gguf":

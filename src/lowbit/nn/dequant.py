@@ -11,58 +11,10 @@ import logging
 
 import torch
 
+from lowbit.core.packing import unpack_bits
 from lowbit.nn import int4_layout
 
 log = logging.getLogger(__name__)
-
-
-def _cross_tables(bits: int) -> tuple[torch.Tensor, ...]:
-    """Index/shift/mask tables to read 32 codes of `bits` bits from `bits` int32 words."""
-    mask = (1 << bits) - 1
-    lo_idx, hi_idx, shift, lo_mask, hi_mask, hi_shift = [], [], [], [], [], []
-    for i in range(32):
-        off = i * bits
-        w, s = divmod(off, 32)
-        lo_idx.append(w)
-        shift.append(s)
-        if s + bits <= 32:
-            lo_mask.append(mask)
-            hi_idx.append(w)
-            hi_mask.append(0)
-            hi_shift.append(0)
-        else:
-            lo_mask.append((1 << (32 - s)) - 1)
-            hi_idx.append(w + 1)
-            hi_mask.append((1 << (s + bits - 32)) - 1)
-            hi_shift.append(32 - s)
-    i32 = torch.int32
-    return (torch.tensor(lo_idx), torch.tensor(hi_idx), torch.tensor(shift, dtype=i32),
-            torch.tensor(lo_mask, dtype=i32), torch.tensor(hi_mask, dtype=i32), torch.tensor(hi_shift, dtype=i32))
-
-
-_TABLES = {b: _cross_tables(b) for b in (3, 5, 6, 7)}
-
-
-def unpack_int32(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """int32 words [N, ceil(k*bits/32)] (pack_bits layout) -> int32 codes [N, k]."""
-    n = qweight.shape[0]
-    if bits == 8:
-        return qweight.view(torch.uint8)[:, :k].to(torch.int32)
-    if 32 % bits == 0:
-        per = 32 // bits
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-        c = (qweight.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return c.reshape(n, -1)[:, :k]
-    chunks = -(-k // 32)
-    words = qweight
-    pad = chunks * bits - words.shape[1]
-    if pad:
-        words = torch.nn.functional.pad(words, (0, pad))
-    words = words.reshape(n, chunks, bits)
-    lo_idx, hi_idx, shift, lo_mask, hi_mask, hi_shift = _TABLES[bits]
-    lo = (words[:, :, lo_idx] >> shift) & lo_mask
-    hi = (words[:, :, hi_idx] & hi_mask) << hi_shift
-    return (lo | hi).reshape(n, chunks * 32)[:, :k]
 
 
 def expand_cols(p: torch.Tensor, n: int, k: int, group_size: int | None,
@@ -85,7 +37,7 @@ def dequant_packed(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     "fp8_e4m3" / "fp8_e5m2" (u is the float8 bit pattern).
     """
     n = qweight.shape[0]
-    codes = unpack_int32(qweight, bits, k)
+    codes = unpack_bits(qweight, bits, k, torch.int32)
     if mode == "int":
         v = codes.float()
         if zero is not None:

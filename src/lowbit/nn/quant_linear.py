@@ -8,10 +8,12 @@ Paths (chosen once from the spec and shape, see `choose_path`):
 For more than `kernel_max_rows` input rows (prefill) every path dequantizes to bf16 and uses a
 dense bf16 matmul (faster on AMX CPUs); nothing dense is kept between calls.
 
-state_dict() is portable: `qweight` always holds the unsigned codes packed with
-lowbit.core.packing.pack_bits into int32 (symmetric int codes offset by 2**(bits-1)), next to
-`scale`, `zero` (asymmetric int), `g_idx` (act-order) and `bias`. Kernel layouts are rebuilt
-on load.
+Built from a quantized-layer record (`from_quantized`); the record is the only portable form
+(checkpoints and exports are written from records, never from these layouts). In memory each path
+holds one copy of its quantization parameters, in the form its kernel reads:
+  int4    kernel-layout codes + the kernel's bf16 scale-and-zero table (4.5 bits/weight at g64);
+  int8    int8 codes + bf16 per-row scales;
+  packed  int32-packed codes (lowbit.core.packing) + scale / zero as stored (float16 by default).
 """
 
 from __future__ import annotations
@@ -78,24 +80,20 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8))
         else:
             self.register_buffer("qweight", torch.zeros(n, packed_len(k, spec.bits), dtype=torch.int32))
-        self.register_buffer("scale", torch.ones(pshape))
         asym = spec.dtype == "int" and not spec.symmetric
-        self.register_buffer("zero", torch.zeros(pshape) if asym else None)
+        packed = self.path == "packed"
+        sdt = spec.torch_scale_dtype
+        self.register_buffer("scale", torch.ones(pshape, dtype=sdt) if packed else None)
+        self.register_buffer("zero", torch.zeros(pshape, dtype=sdt) if packed and asym else None)
         self.register_buffer("g_idx", torch.zeros(k, dtype=torch.int32) if g_idx else None)
         self.register_buffer("bias", torch.zeros(n) if bias else None)
         self._mode = "int" if spec.dtype == "int" else ("table" if spec.is_codebook else spec.dtype)
         self.register_buffer("table", codebook(spec.dtype) if spec.is_codebook else None, persistent=False)
-        self.register_buffer("sz", None, persistent=False)  # int4: bf16 [K/g, N, 2]
-        self.register_buffer("s_bf16", None, persistent=False)  # int8: bf16 [N]
-        self._refresh()
+        # the int4 kernel's bf16 [K/g, N, 2] scale-and-zero table; the int8 kernel's bf16 [N] scales
+        self.register_buffer("sz", torch.zeros(k // self.kgroup, n, 2, dtype=BF16) if self.path == "int4" else None)
+        self.register_buffer("s_bf16", torch.ones(n, dtype=BF16) if self.path == "int8" else None)
 
     # ---- construction -------------------------------------------------------------------
-    @classmethod
-    def empty_like_spec(cls, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
-                        g_idx: bool = False, **kw) -> "QuantLinear":
-        """An empty module to `load_state_dict` into (the loader's path)."""
-        return cls(in_features, out_features, spec, bias=bias, g_idx=g_idx, **kw)
-
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, name: str = "QuantLinear",
                        **kw) -> "QuantLinear":
@@ -104,90 +102,29 @@ class QuantLinear(nn.Module):
         want = _param_shape(qw.spec, n, k)
         if tuple(qw.scale.shape) != want:
             raise LowbitError(f"{name}: scale has shape {tuple(qw.scale.shape)}, expected {want} for {qw.spec.describe()}")
-        m.scale = qw.scale.detach().clone()
-        if m.zero is not None:
-            if qw.zero is None:
-                raise LowbitError(f"{name}: asymmetric spec {qw.spec.describe()} needs a zero point")
-            m.zero = qw.zero.detach().float().clone()
+        asym = qw.spec.dtype == "int" and not qw.spec.symmetric
+        if asym and qw.zero is None:
+            raise LowbitError(f"{name}: asymmetric spec {qw.spec.describe()} needs a zero point")
+        if tuple(qw.codes.shape) != (n, k):
+            raise LowbitError(f"{name}: codes have shape {tuple(qw.codes.shape)}, expected {(n, k)}")
+        u = qw.codes.to(torch.int32) + m.offset  # unsigned codes
+        if m.path == "int4":
+            m.qweight = int4_layout.pack(u)
+            zf = None if qw.zero is None else (8 - qw.zero.float()) * qw.scale.float()
+            m.sz = int4_layout.scales_and_zeros(qw.scale, zf, m.kgroup, n, k)
+        elif m.path == "int8":
+            m.qweight = qw.codes.to(torch.int8).contiguous()
+            m.s_bf16 = qw.scale.float().expand(n, 1).reshape(-1).to(BF16).contiguous()
+        else:
+            m.qweight = pack_bits(u, qw.spec.bits, torch.int32)
+            m.scale = qw.scale.detach().clone()
+            if asym:
+                m.zero = qw.zero.detach().clone()
         if qw.g_idx is not None:
             m.g_idx = qw.g_idx.detach().to(torch.int32).clone()
         if bias is not None:
-            m.bias = bias.detach().clone()
-        m._set_codes(m._unsigned(qw.codes))
+            m.bias = bias.detach().float().clone()
         return m
-
-    @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], config: dict, **kw) -> "QuantLinear":
-        """Rebuild from `state_dict()` tensors (prefix stripped) and `config()`."""
-        m = cls.empty_like_spec(config["in_features"], config["out_features"], QuantSpec.from_dict(config["spec"]),
-                                bias=config.get("bias", False), g_idx=config.get("g_idx", False), **kw)
-        m.load_state_dict(state)
-        return m
-
-    def config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features, "spec": self.spec.to_dict(),
-                "bias": self.bias is not None, "g_idx": self.g_idx is not None}
-
-    def _unsigned(self, codes: torch.Tensor) -> torch.Tensor:
-        if tuple(codes.shape) != (self.out_features, self.in_features):
-            raise LowbitError(f"codes have shape {tuple(codes.shape)}, expected {(self.out_features, self.in_features)}")
-        return codes.to(torch.int32) + self.offset
-
-    def _set_codes(self, u: torch.Tensor) -> None:
-        """Store unsigned codes [N, K] in this path's in-memory layout."""
-        if self.path == "int4":
-            self.qweight = int4_layout.pack(u)
-        elif self.path == "int8":
-            self.qweight = (u - self.offset).to(torch.int8)
-        else:
-            self.qweight = pack_bits(u, self.spec.bits, torch.int32)
-        self._refresh()
-
-    def _unsigned_codes(self) -> torch.Tensor:
-        if self.path == "int4":
-            return int4_layout.unpack(self.qweight, self.out_features, self.in_features).to(torch.int32)
-        if self.path == "int8":
-            return self.qweight.to(torch.int32) + self.offset
-        return dequant.unpack_int32(self.qweight, self.spec.bits, self.in_features)
-
-    def _refresh(self) -> None:
-        """Recompute the kernels' derived (non-persistent) side tensors."""
-        if self.path == "int4":
-            zf = None if self.zero is None else (8 - self.zero.float()) * self.scale.float()
-            self.sz = int4_layout.scales_and_zeros(self.scale, zf, self.kgroup, self.out_features, self.in_features)
-        elif self.path == "int8":
-            self.s_bf16 = self.scale.float().expand(self.out_features, 1).reshape(-1).to(BF16).contiguous()
-
-    def to_quantized(self) -> QuantizedWeight:
-        u = self._unsigned_codes()
-        if self.spec.dtype == "int" and self.spec.symmetric:
-            codes = (u - self.offset).to(torch.int8)
-        else:
-            codes = u.to(torch.uint8)
-        return QuantizedWeight(codes, self.scale.clone(), None if self.zero is None else self.zero.clone(), self.spec,
-                               None if self.g_idx is None else self.g_idx.clone())
-
-    # ---- state dict: portable qweight ---------------------------------------------------
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.path != "packed":
-            destination[prefix + "qweight"] = pack_bits(self._unsigned_codes(), self.spec.bits, torch.int32)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + "qweight"
-        if self.path != "packed" and key in state_dict:
-            q = state_dict[key]
-            want = (self.out_features, packed_len(self.in_features, self.spec.bits))
-            if tuple(q.shape) != want or q.dtype != torch.int32:
-                error_msgs.append(f"{key}: expected int32 {want}, got {q.dtype} {tuple(q.shape)}")
-                return
-            state_dict = dict(state_dict)
-            u = dequant.unpack_int32(q, self.spec.bits, self.in_features)
-            state_dict[key] = int4_layout.pack(u) if self.path == "int4" else (u - self.offset).to(torch.int8)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        self._refresh()
 
     # ---- compute ------------------------------------------------------------------------
     def dense_weight(self, dtype: torch.dtype = BF16) -> torch.Tensor:
@@ -197,7 +134,7 @@ class QuantLinear(nn.Module):
             return dequant.dequant_int4pack_fast(self.qweight, self.sz, self.out_features, self.in_features, dtype,
                                                  compile=c)
         if self.path == "int8":
-            return dequant.dequant_int8_fast(self.qweight, self.scale.expand(self.out_features, 1), dtype, compile=c)
+            return dequant.dequant_int8_fast(self.qweight, self.s_bf16, dtype, compile=c)
         return dequant.dequant_packed_fast(self.qweight, self.scale, self.zero, self.table, self.spec.bits,
                                            self.in_features, self.group_size, self.g_idx, self._mode, self.offset,
                                            dtype, compile=c)
@@ -218,7 +155,7 @@ class QuantLinear(nn.Module):
 
     # ---- size ---------------------------------------------------------------------------
     def nbytes(self, include_bias: bool = False) -> int:
-        """Bytes held in memory for the weight: packed codes + scales/zeros + kernel side tensors."""
+        """Bytes held in memory for the weight: packed codes + the kernel's scales/zeros (+ g_idx)."""
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers()
                    if b is not None and (include_bias or name != "bias"))
 
