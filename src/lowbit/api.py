@@ -36,11 +36,22 @@ def make_spec(bits: int, group_size: int | None, symmetric: bool, dtype: str = "
     return QuantSpec(granularity="group", group_size=group_size, **common)
 
 
+def head_spec(head_bits: int, group_size: int | None) -> QuantSpec:
+    """lm_head's spec for `--head-bits`: 8-bit symmetric per channel (the int8 kernel), or fewer bits
+    with the body's group size."""
+    if head_bits == 8:
+        return make_spec(8, None, True)
+    return make_spec(head_bits, group_size, True)
+
+
 def make_recipe(*, method: str = "gptq", bits: int = 4, group_size: int | None = 64, symmetric: bool = True,
                 dtype: str = "int", integer_zero: bool = True, quantize_head: bool = False,
-                ignore: tuple[str, ...] = (), options: dict | None = None) -> Recipe:
+                head_bits: int | None = None, ignore: tuple[str, ...] = (), options: dict | None = None) -> Recipe:
+    """`head_bits` quantizes lm_head too, at its own bit width (quantize_head: at the body's spec)."""
     recipe = Recipe(spec=make_spec(bits, group_size, symmetric, dtype, integer_zero), method=method,
-                    ignore=tuple(ignore), quantize_head=quantize_head, options=dict(options or {}))
+                    ignore=tuple(ignore), quantize_head=quantize_head or head_bits is not None,
+                    head_spec=None if head_bits is None else head_spec(head_bits, group_size),
+                    options=dict(options or {}))
     get_method(recipe.method, recipe.options)  # unknown or mistyped options fail before any work
     return recipe
 
@@ -73,7 +84,8 @@ def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, ca
 
 
 def quantize(model: str = "default", *, method: str = "gptq", bits: int = 4, group_size: int | None = 64,
-             symmetric: bool = True, dtype: str = "int", quantize_head: bool = False, ignore: tuple[str, ...] = (),
+             symmetric: bool = True, dtype: str = "int", quantize_head: bool = False, head_bits: int | None = None,
+             ignore: tuple[str, ...] = (),
              options: dict | None = None, recipe: Recipe | str | Path | None = None, out: str | Path | None = None,
              calib: str = "pydoc", samples: int = 64, seq_len: int = 512, overwrite: bool = False,
              state_dir: str | Path | None = None, progress: bool = True, format: str = "lowbit",
@@ -89,7 +101,7 @@ def quantize(model: str = "default", *, method: str = "gptq", bits: int = 4, gro
 
     if recipe is None:
         recipe = make_recipe(method=method, bits=bits, group_size=group_size, symmetric=symmetric, dtype=dtype,
-                             quantize_head=quantize_head, ignore=ignore, options=options)
+                             quantize_head=quantize_head, head_bits=head_bits, ignore=ignore, options=options)
     elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     return quantize_to(model, out, recipe, calib_text=calib, n_samples=samples, seq_len=seq_len,

@@ -57,7 +57,7 @@ class Recipe:
 
 SPEC_KEYS = {"bits": int, "dtype": str, "symmetric": bool, "granularity": str, "group_size": (int, type(None)),
              "integer_zero": bool, "scale_dtype": str}
-TOP_KEYS = {"method", "ignore", "overrides", "quantize_head", "options", *SPEC_KEYS}
+TOP_KEYS = {"method", "ignore", "overrides", "quantize_head", "head", "options", *SPEC_KEYS}
 
 
 def _typed(where: str, key: str, value, types):
@@ -94,7 +94,8 @@ def _spec_from(d: dict, base: QuantSpec | None = None, where: str = "recipe") ->
 
 def load_recipe(path: str | Path) -> Recipe:
     """YAML: {method, bits, dtype, symmetric, granularity, group_size, integer_zero, scale_dtype,
-    ignore: [regex], overrides: [{pattern, bits, ...}], quantize_head, options: {...}}. Every key
+    ignore: [regex], overrides: [{pattern, bits, ...}], quantize_head, head: {bits, ...} (lm_head's own
+    spec; implies quantize_head), options: {...}}. Every key
     and value is checked; the first problem raises one LowbitError naming the file and the key."""
     import yaml
 
@@ -130,6 +131,12 @@ def load_recipe(path: str | Path) -> Recipe:
         if bad:
             raise LowbitError(f"{w}: unknown key {bad[0]!r}; valid keys: pattern, {', '.join(SPEC_KEYS)}")
         overrides.append((_regex(w, o["pattern"]), _spec_from({k: v for k, v in o.items() if k != "pattern"}, base, w)))
+    head = data.get("head")
+    if head is not None:
+        if not isinstance(head, dict) or set(head) - set(SPEC_KEYS):
+            bad = sorted(set(head) - set(SPEC_KEYS)) if isinstance(head, dict) else [head]
+            raise LowbitError(f"{where}: 'head' must be a mapping of spec keys ({', '.join(SPEC_KEYS)}); got {bad[0]!r}")
+        head = _spec_from(head, base, f"{where}: head")
     method = _typed(where, "method", data.get("method", "rtn"), str)
     options = data.get("options") or {}
     try:
@@ -141,6 +148,7 @@ def load_recipe(path: str | Path) -> Recipe:
         method=method,
         ignore=tuple(_regex(f"{where}: ignore", p) for p in ignore),
         overrides=tuple(overrides),
-        quantize_head=_typed(where, "quantize_head", data.get("quantize_head", False), bool),
+        quantize_head=_typed(where, "quantize_head", data.get("quantize_head", False), bool) or head is not None,
+        head_spec=head,
         options=dict(options),
     )

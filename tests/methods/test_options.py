@@ -81,6 +81,12 @@ def test_recipe_round_trip(tmp_path):
     r = load_recipe(p)
     assert r.method == "gptq" and r.spec.bits == 3 and not r.spec.symmetric and r.quantize_head
     assert r.spec_for("model.layers.0.mlp.down_proj").bits == 4 and r.options == {"damp": 0.02}
+    p.write_text("bits: 4\nhead: {bits: 8, granularity: channel}\n")
+    r = load_recipe(p)
+    assert r.quantize_head and r.head_spec.bits == 8 and r.head_spec.granularity == "channel"
+    p.write_text("head: {bitz: 8}\n")
+    with pytest.raises(LowbitError, match="'head' must be a mapping of spec keys"):
+        load_recipe(p)
 
 
 def test_cli_unknown_recipe_key_exits_2_naming_it(tmp_path):

@@ -200,3 +200,17 @@ def test_bad_input_names_the_problem():
     qw.zero = None
     with pytest.raises(LowbitError, match="zero point"):
         QuantLinear.from_quantized(qw)
+
+
+def test_dtype_casts_leave_quantization_parameters_alone(built):
+    qw, b, m = built["int3_asym_g64"]
+    before = {n: t.clone() for n, t in m.named_buffers() if n != "bias"}
+    m.to(torch.bfloat16)
+    try:
+        for n, t in m.named_buffers():
+            if n == "bias":
+                assert t.dtype == torch.bfloat16
+            else:
+                assert t.dtype == before[n].dtype and torch.equal(t, before[n]), n
+    finally:
+        m.float()

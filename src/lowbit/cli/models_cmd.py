@@ -44,7 +44,9 @@ def register(app: typer.Typer) -> None:
                                                            "| bnb-nf4 | gguf"),
         format_option: list[str] = typer.Option([], "--format-option", help="format option KEY=VALUE (repeatable)"),
         recipe: Optional[Path] = typer.Option(None, help="YAML recipe (overrides --method/--bits/...)"),
-        quantize_head: bool = typer.Option(False, "--quantize-head", help="also quantize lm_head"),
+        quantize_head: bool = typer.Option(False, "--quantize-head", help="also quantize lm_head (body's spec)"),
+        head_bits: Optional[int] = typer.Option(None, "--head-bits", help="also quantize lm_head at this width "
+                                                                         "(8: int8 per channel)"),
         ignore: list[str] = typer.Option([], help="regex of module names to keep in full precision"),
         calib: str = typer.Option("pydoc", help="calibration text: pydoc, a file/folder, or a dataset name"),
         samples: int = typer.Option(64, help="calibration samples"),
@@ -64,7 +66,8 @@ def register(app: typer.Typer) -> None:
             r = load_recipe(recipe)
         else:
             r = api.make_recipe(method=method, bits=bits, group_size=group_size, symmetric=sym, dtype=dtype,
-                                integer_zero=not float_zero, quantize_head=quantize_head, ignore=tuple(ignore),
+                                integer_zero=not float_zero, quantize_head=quantize_head, head_bits=head_bits,
+                                ignore=tuple(ignore),
                                 options=parse_option_args(option))
         configure(low_memory=low_memory)
         api.quantize_to(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite,

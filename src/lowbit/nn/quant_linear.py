@@ -126,6 +126,17 @@ class QuantLinear(nn.Module):
             m.bias = bias.detach().float().clone()
         return m
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` / `.half()` must not re-round the quantization parameters: only the bias
+        follows the cast; codes, scales, zeros and kernel tables keep their dtypes."""
+        held = {n: b for n, b in self._buffers.items() if n != "bias" and b is not None}
+        for n in held:
+            self._buffers[n] = None
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(held)
+
     # ---- compute ------------------------------------------------------------------------
     def dense_weight(self, dtype: torch.dtype = BF16) -> torch.Tensor:
         """The dequantized weight [out, in] (computed now, never cached)."""
