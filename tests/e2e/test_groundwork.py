@@ -74,3 +74,21 @@ def test_unknown_format_is_refused_before_work(tiny_dir, tmp_path):
     with pytest.raises(LowbitError, match="unknown format 'onnx2'; choose one of lowbit, gptq"):
         lowbit.quantize(str(tiny_dir), method="rtn", out=tmp_path / "q", format="onnx2")
     assert not (tmp_path / "q").exists()
+
+
+def test_generate_streams_and_reports_speed(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import lowbit
+
+    lowbit.quantize(str(tiny_dir), method="rtn", bits=4, group_size=64, out=tmp_path / "q", progress=False)
+    r = subprocess.run([sys.executable, "-c", "from lowbit.cli import main; main()", "generate", str(tmp_path / "q"),
+                        "--prompt", "Hello", "-n", "5"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "5 tokens in" in r.stderr and "tokens/s" in r.stderr
+    from lowbit.runtime.generate import generate_text
+
+    pieces = []
+    out = generate_text(tmp_path / "q", "Hello", max_new_tokens=5, stream=pieces.append)
+    assert out["new_tokens"] == 5 and "".join(pieces) == out["text"]
