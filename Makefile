@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (quantize the bundled model, compare with the original)
+# Two entry points: `make demo` (GPTQ-quantize the bundled model, compare with the original)
 # and `make test` (the whole suite). Both build .venv from pinned requirements first.
 PY := .venv/bin/python
 PIP := .venv/bin/pip
@@ -16,7 +16,7 @@ venv: .venv/.installed
 	touch .venv/.installed
 
 demo: venv
-	.venv/bin/lowbit quantize default --method rtn --bits 4 --group-size 64 --sym -o out/smollm2-w4g64 --overwrite
+	.venv/bin/lowbit quantize default --method gptq --bits 4 --group-size 64 --sym -o out/smollm2-w4g64 --overwrite
 	.venv/bin/lowbit eval default out/smollm2-w4g64
 
 test: venv

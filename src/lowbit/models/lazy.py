@@ -128,13 +128,6 @@ def materialize_block(model, i: int) -> None:
         lazy.load(model, i, getattr(model, _ATTR + "_dtype"))
 
 
-def materialize_all(model) -> None:
-    lazy = getattr(model, _ATTR, None)
-    if lazy is not None:
-        for i in sorted(lazy.pending):
-            lazy.load(model, i, getattr(model, _ATTR + "_dtype"))
-
-
 def is_lazy(model) -> bool:
     lazy = getattr(model, _ATTR, None)
     return lazy is not None and bool(lazy.pending)
