@@ -104,6 +104,7 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False) -> Pa
             qm.tokenizer.save_pretrained(tmp)
         # one metadata key: safetensors writes several in random order, and same input must give same bytes
         save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / WEIGHTS).chmod(0o644)  # as the other files (the writer creates it owner-only)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     log.info("saved %d quantized layers to %s", len(layers), out)
     return out
