@@ -79,3 +79,18 @@ def test_mixed_bit_widths_are_refused_naming_the_layer(qm_factory, tmp_path):
     qm.layers[name] = qm8.layers[name]
     with pytest.raises(LowbitError, match=f"{name}: int8 sym g64 differs"):
         gptq.write(qm, tmp_path / "q")
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors", "bnb-nf4"])
+def test_eval_inspect_generate_load_every_format(qm_factory, tmp_path, fmt):
+    """load_model (behind lowbit eval / inspect / generate) dispatches on quantization_config."""
+    from lowbit.export import detect_format, write
+    from lowbit.models import load_model
+
+    qm, _ = qm_factory(**({"dtype": "nf4"} if fmt == "bnb-nf4" else {"bits": 4}), group_size=64)
+    write(qm, tmp_path / "q", fmt)
+    assert detect_format(tmp_path / "q") == fmt
+    model, tok = load_model(str(tmp_path / "q"))
+    ids = tok("hello world, once more", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, qm.to_module()(ids).logits)

@@ -19,6 +19,7 @@ model's records there explicitly; `read` keeps a double-quantized checkpoint's g
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from lowbit.errors import LowbitError
 from lowbit.export import hf
 from lowbit.export.model import QuantizedModel
 from lowbit.spec import QuantSpec
+
+log = logging.getLogger(__name__)
 
 FORMAT = "bnb-nf4"
 BLOCK = 64
@@ -143,7 +146,11 @@ def skip_modules(qm: QuantizedModel) -> list[str]:
 
 def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False, double_quant: bool | str = False) -> Path:
     """Write `qm` as a bitsandbytes NF4 checkpoint folder, atomically; `double_quant=True` needs the
-    records' scales on the double-quantization grid (see `double_quantize`)."""
+    records' scales on the double-quantization grid (see `double_quantize`); `double_quant="requantize"`
+    puts them there first (`lowbit export ... --option double_quant=requantize`)."""
+    if str(double_quant).lower() == "requantize":
+        log.info("re-quantizing the NF4 scales onto bitsandbytes' double-quantization grid")
+        qm, double_quant = double_quantize(qm), True
     double_quant = str(double_quant).lower() in ("1", "true", "yes")
     if not qm.layers:
         raise LowbitError("the model has no quantized layers to write as bitsandbytes NF4")
@@ -152,8 +159,8 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False, doubl
         check(name, qw)
         if double_quant and name not in nested:
             raise LowbitError(f"{name}: double_quant needs scales on bitsandbytes' double-quantization grid; "
-                              "pass the model through lowbit.export.bnb.double_quantize first, or write "
-                              "without double_quant")
+                              "pass the model through lowbit.export.bnb.double_quantize first (or the option "
+                              "double_quant=requantize), or write without double_quant")
     tensors: dict[str, torch.Tensor] = {}
     for name, qw in qm.layers.items():
         tensors.update(layer_tensors(name, qw, nested[name] if double_quant else None))
