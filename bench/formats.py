@@ -74,8 +74,18 @@ def main() -> None:
     if not (out / "lowbit-nf4").exists():
         lowbit.quantize("default", method="rtn", dtype="nf4", group_size=64, out=out / "lowbit-nf4", overwrite=True)
 
-    def ours(qm):
+    def ours(qm, dense=False):
+        """lowbit's forward (QuantLinear kernels: int4 in bf16), or dense fp32 Linears of the dequantized records."""
         model = qm.to_module()
+        if dense:
+            from lowbit.nn.replace import replace_linear
+
+            for name, qw in qm.layers.items():
+                lin = torch.nn.Linear(qw.shape[1], qw.shape[0], bias=qm.bias(name) is not None)
+                lin.weight.data = qw.dequantize()
+                if lin.bias is not None:
+                    lin.bias.data = qm.bias(name).float()
+                replace_linear(model, name, lin)
         with torch.no_grad():
             return [model(i).logits[0].float() for i in ids]
 
@@ -85,7 +95,9 @@ def main() -> None:
     runs = [("gptq", "lowbit-gptq", gptq_qm, {}), ("awq", "lowbit-gptq", gptq_qm, {}),
             ("compressed-tensors", "lowbit-gptq", gptq_qm, {}), ("bnb-nf4", "lowbit-nf4", nf4_qm, {}),
             ("bnb-nf4", "lowbit-nf4 double-quantized", dq_qm, {"double_quant": True})]
-    reference = {"lowbit-gptq": ours(gptq_qm), "lowbit-nf4": ours(nf4_qm), "lowbit-nf4 double-quantized": ours(dq_qm)}
+    sources = {"lowbit-gptq": gptq_qm, "lowbit-nf4": nf4_qm, "lowbit-nf4 double-quantized": dq_qm}
+    reference = {k: ours(v) for k, v in sources.items()}
+    dense = {k: ours(v, dense=True) for k, v in sources.items()}
     for fmt, source, qm, opts in runs:
         name = fmt + ("-dq" if opts else "")
         folder = write(qm, out / name, fmt, overwrite=True, **opts)
@@ -103,12 +115,14 @@ def main() -> None:
             theirs = consumer_logits(folder, out / source.split()[0])
             consumer = ("transformers 5.23 + compressed-tensors 0.20.1" if fmt == "compressed-tensors"
                         else "transformers 5.23 + bitsandbytes 0.50.2")
+        vs_dense = compare(dense[source], theirs)
         row = {"format": name, "records": source,
                "consumer": consumer, "size_mib": round(size_mib(folder), 1), **compare(ref, theirs),
-               "load_and_run_s": round(time.time() - t0, 1)}
+               "vs_fp32_dequantized": vs_dense, "load_and_run_s": round(time.time() - t0, 1)}
         results["rows"].append(row)
         print(f"{name:20s} {row['size_mib']:7.1f} MiB  max|dlogit| {row['max_abs_dlogit']:.2e}  "
-              f"top-1 {row['top1_agreement']:.3f}  ({row['consumer']})", flush=True)
+              f"top-1 {row['top1_agreement']:.3f} | vs fp32 dequantized: {vs_dense['max_abs_dlogit']:.2e} "
+              f"{vs_dense['top1_agreement']:.3f}  ({row['consumer']})", flush=True)
     for source in ("lowbit-gptq", "lowbit-nf4"):
         print(f"{source:20s} {size_mib(out / source):7.1f} MiB  (lowbit's own format)")
         results[f"{source}_size_mib"] = round(size_mib(out / source), 1)
