@@ -26,7 +26,7 @@ clean:
 	rm -rf .venv out
 
 # GPTQModel 7.6 (the consumer of gptq/awq exports; the last release for torch 2.13) pins numpy 2.2.6,
-# lowbit pins 2.4.6: it gets its own venv for bench/formats.py and tests/export/test_gptqmodel_consumer.py.
+# lowbit pins 2.4.6: it gets its own venv for bench/formats.py and tests/export/test_format_gptqmodel_consumer.py.
 bench-venv-gptq: bench/.venv-gptq/.installed
 
 bench/.venv-gptq/.installed: requirements.txt pyproject.toml

@@ -2,7 +2,7 @@
 
 GPTQModel 7.6 (the last release for torch 2.13) pins numpy 2.2.6 while lowbit pins 2.4.6, so it lives
 in its own venv: `make bench-venv-gptq`, then
-`bench/.venv-gptq/bin/python -m pytest tests/export/test_gptqmodel_consumer.py -s`.
+`bench/.venv-gptq/bin/python -m pytest tests/export/test_format_gptqmodel_consumer.py -s`.
 In the project venv these tests are skipped (gptqmodel is not installed there).
 """
 
