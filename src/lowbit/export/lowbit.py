@@ -86,7 +86,8 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False) -> Pa
                                                          "error_floor": round(4.0 ** -qw.spec.bits, 6)})}
     for key, value in qm.tensors.items():
         tensors[key] = value.detach().contiguous()
-    meta = {k: v for k, v in qm.meta.items() if k not in ("format", "format_version", "layers")}
+    meta = {k: v for k, v in qm.meta.items()
+            if k not in ("format", "format_version", "layers") and not k.startswith("_")}  # "_": in-memory only
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": __version__, **meta,
                 "layers": layers}
     config = qm.config
