@@ -190,20 +190,23 @@ def test_interrupted_gptq_run_resumes_bit_identically(tiny_dir, tmp_path):
     reference = run(None)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "state", fail_at=1)
-    assert (tmp_path / "state" / "calibration_state.pt").is_file()
+    assert (tmp_path / "state" / "calibration_state.safetensors").is_file()
     # one file per finished block, written once, holding that block's layers only
-    assert sorted(p.name for p in (tmp_path / "state").glob("block_*.pt")) == ["block_0000.pt"]
-    first = torch.load(tmp_path / "state" / "block_0000.pt", weights_only=False)["qweights"]
+    assert sorted(p.name for p in (tmp_path / "state").glob("block_*")) == ["block_0000.safetensors"]
+    from safetensors.torch import load_file
+
+    first = {k.rsplit(".", 1)[0] for k in load_file(tmp_path / "state" / "block_0000.safetensors")}
     assert len(first) == 7 and all(n.startswith("model.layers.0.") for n in first)
     resumed = run(tmp_path / "state")
     assert sorted(resumed) == sorted(reference)
     for name, qw in reference.items():
         assert torch.equal(qw.codes, resumed[name].codes) and torch.equal(qw.scale, resumed[name].scale), name
-    assert sorted(p.name for p in (tmp_path / "state").glob("block_*.pt")) == ["block_0000.pt", "block_0001.pt"]
+    assert sorted(p.name for p in (tmp_path / "state").glob("block_*")) == ["block_0000.safetensors",
+                                                                             "block_0001.safetensors"]
     again = run(tmp_path / "state")  # everything finished: the state alone gives the same layers
     assert all(torch.equal(qw.codes, again[name].codes) for name, qw in reference.items())
-    (tmp_path / "state" / "block_0000.pt").unlink()
-    with pytest.raises(LowbitError, match="block_0000.pt is missing"):
+    (tmp_path / "state" / "block_0000.safetensors").unlink()
+    with pytest.raises(LowbitError, match="block_0000.safetensors is missing"):
         run(tmp_path / "state")
     with pytest.raises(LowbitError, match="different model, recipe or calibration"):
         run_other = Recipe(QuantSpec(bits=4, group_size=64), method="gptq")
