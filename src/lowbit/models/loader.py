@@ -12,8 +12,9 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_dir
+from lowbit.io.paths import hub_reachable, hub_shaped
 from lowbit.models.arch import arch_for
-from lowbit.models.validate import check_gguf, check_hf_folder
+from lowbit.models.validate import check_finite_files, check_finite_model, check_gguf, check_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,20 @@ def _from_gguf(path: Path, dtype: torch.dtype):
 
     check_gguf(path)
     folder, name = str(path.parent), path.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    arch_for(config)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except Exception as e:  # transformers raises ValueError/KeyError/... for architectures it cannot read
+        raise LowbitError(f"{path}: transformers cannot read this GGUF's architecture ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]}); lowbit reads GGUF files of the Llama family") from None
+    try:
+        arch_for(config)
+    except LowbitError as e:
+        raise LowbitError(f"{path}: {e}") from None
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as e:
+        raise LowbitError(f"cannot load {path} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
@@ -65,11 +76,19 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     return fresh.to(dtype), tokenizer
 
 
+def default_model_path() -> Path:
+    """Where the converted default model lives (whether or not it exists yet)."""
+    return cache_dir() / "models" / DEFAULT_NAME
+
+
 def default_model_dir() -> Path:
-    """The bundled SmolLM2 converted once to an fp32 safetensors folder in the cache."""
-    target = cache_dir() / "models" / DEFAULT_NAME
-    if (target / "config.json").is_file():
+    """The bundled SmolLM2 converted once to an fp32 safetensors folder in the cache (converted
+    again if the folder is incomplete: its marker file is written last)."""
+    target = default_model_path()
+    if all((target / f).is_file() for f in ("config.json", "model.safetensors", "lowbit_source.json")):
         return target
+    if target.exists():
+        log.warning("%s is incomplete; converting the default model again", target)
     gguf = _default_gguf()
     log.info("converting %s to an fp32 safetensors folder at %s (once)", gguf.name, target)
     model, tokenizer = _from_gguf(gguf, torch.float32)
@@ -83,22 +102,41 @@ def default_model_dir() -> Path:
 def _from_folder(path: Path, dtype: torch.dtype, lazy: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    check_hf_folder(path)
-    config = AutoConfig.from_pretrained(path)
-    arch_for(config)
+    check_hf_folder(path)  # config.json's model_type is checked before transformers reads it
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise LowbitError(f"{path / 'config.json'} is not a configuration transformers can read "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     if lazy:
         from lowbit.models.lazy import load_lazy
 
         loaded = load_lazy(path, dtype)
         if loaded is not None:
+            check_finite_model(loaded[0], str(path))
+            check_finite_files(path, loaded[0])  # the blocks still on disk
             return loaded
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise LowbitError(f"cannot load the model in {path}: {type(e).__name__}: {e}") from None
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        raise LowbitError(f"cannot load the model in {path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    check_loading_info(info, path)
+    check_finite_model(model, str(path))
     model.eval()
     return model, tokenizer
+
+
+def check_loading_info(info: dict, where) -> None:
+    """Weights the architecture needs but the files lack would be randomly initialised: refuse."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise LowbitError(f"{where} lacks {len(missing)} weight{'s' if len(missing) != 1 else ''} the architecture "
+                          f"needs ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
+                          "they would be random: re-download or re-export the model")
+    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or ()))
+    if mismatched:
+        raise LowbitError(f"{where} holds weights whose shapes do not match config.json ({', '.join(mismatched[:4])})")
 
 
 def load_model(source: str | os.PathLike = "default", dtype: torch.dtype = torch.float32, lazy: bool = False):
@@ -107,34 +145,74 @@ def load_model(source: str | os.PathLike = "default", dtype: torch.dtype = torch
     lazy=True (safetensors folders and `default`): the decoder blocks stay on disk until
     `quantize_model` reaches them (see `lowbit.models.lazy`); other sources load whole.
     """
+    kind, path = resolve_source(source)
+    if kind == "default":
+        return _from_folder(default_model_dir(), dtype, lazy)
+    if kind == "checkpoint":
+        from lowbit.export import read
+
+        qm = read(path)
+        model, tokenizer = qm.to_module(), qm.tokenizer
+        check_finite_model(model, str(path))
+        return model, tokenizer
+    if kind == "folder":
+        return _from_folder(path, dtype, lazy)
+    if kind == "gguf":
+        model, tokenizer = _from_gguf(path, dtype)
+        check_finite_model(model, str(path))
+        return model, tokenizer
+    return _from_hub(str(source), dtype)
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path | None]:
+    """What a model argument names, without loading anything: ("default" | "checkpoint" | "folder"
+    | "gguf" | "hub", path or None). A string that is neither an existing path nor shaped like a hub
+    name (`owner/name`) is refused at once ("no such file or folder"), without network access."""
     source = str(source)
     if source == "default":
-        return _from_folder(default_model_dir(), dtype, lazy)
-    path = Path(source)
+        return "default", default_model_path()
+    path = Path(source).expanduser()
     if path.is_dir():
-        from lowbit.export import detect_format, read
+        from lowbit.export import detect_format
 
-        if detect_format(path) is not None:  # lowbit's or another tool's quantized checkpoint
-            qm = read(path)
-            return qm.to_module(), qm.tokenizer
-        return _from_folder(path, dtype, lazy)
+        # lowbit's or another tool's quantized checkpoint
+        return ("checkpoint" if detect_format(path) is not None else "folder"), path
     if path.is_file():
         if path.suffix == ".gguf":
-            return _from_gguf(path, dtype)
+            return "gguf", path
         raise LowbitError(f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or 'default'")
-    if source.count("/") == 1 and not source.startswith((".", "/")) and not path.suffix:
-        return _from_hub(source, dtype)
-    raise LowbitError(f"{source} does not exist; pass a model folder, a .gguf file, a hub name or 'default'")
+    if path.exists():
+        raise LowbitError(f"{path} is neither a folder nor a file; pass a model folder, a .gguf file or 'default'")
+    if hub_shaped(source):
+        return "hub", None
+    raise LowbitError(f"{source} does not exist (no such file or folder); pass a model folder, a .gguf file, "
+                      "a hub name (owner/name) or 'default'")
 
 
 def _from_hub(name: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except Exception as e:
-        raise LowbitError(f"cannot fetch {name!r} from the Hugging Face hub ({type(e).__name__}); "
-                          "is it a local path that does not exist, or are you offline?") from None
+    try:  # the hub cache first: no network
+        config, local = AutoConfig.from_pretrained(name, local_files_only=True), True
+    except Exception:
+        config, local = None, False
+    if config is None:
+        if not hub_reachable():
+            raise LowbitError(f"{name}: no such file or folder, and the Hugging Face hub cannot be reached (offline "
+                              "or HF_HUB_OFFLINE set) to fetch it as a hub model; check the path")
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except Exception as e:
+            raise LowbitError(f"{name}: no such file or folder, and the Hugging Face hub has no model by that name "
+                              f"({type(e).__name__}); check the path or the model name") from None
     arch_for(config)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(name)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local,
+                                                           output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    except Exception as e:
+        raise LowbitError(f"cannot load {name!r} from the Hugging Face hub ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]})") from None
+    check_loading_info(info, name)
+    check_finite_model(model, name)
+    return model.eval(), tokenizer
