@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+from lowbit.io.paths import hub_shaped
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +22,25 @@ def _pydoc_documents() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+def read_text_file(path: Path) -> str:
+    """The file's text; binary or undecodable content is an error naming the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LowbitError(f"cannot read text source {path} ({e.strerror or e})") from None
+    if b"\x00" in data:
+        raise LowbitError(f"text source {path} is binary (it holds NUL bytes), not text; "
+                          "pass a UTF-8 .txt/.jsonl file, a folder of them, pydoc or a dataset name")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"text source {path} is not UTF-8 text (undecodable byte at offset {e.start}); "
+                          "convert it to UTF-8 or pass another file") from None
+
+
 def _jsonl_documents(path: Path, field: str) -> list[str]:
     docs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -40,7 +57,8 @@ def _hf_documents(name: str, field: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise LowbitError(f"{name!r} is not a local path; loading a hub dataset needs `pip install datasets`") from None
+        raise LowbitError(f"text source {name}: no such file or folder; read as a hub dataset name it needs "
+                          "`pip install datasets`") from None
     dataset_name, _, config = name.partition(":")
     try:
         ds = datasets.load_dataset(dataset_name, config or None, split="train")
@@ -62,22 +80,45 @@ def load_documents(source: str = "pydoc", field: str = "text") -> list[str]:
         if not DEBIAN_PYDOC.is_dir():
             raise LowbitError(f"{DEBIAN_PYDOC} is missing; apt-get install python3.11-doc")
         source = str(DEBIAN_PYDOC)
-    path = Path(source)
-    if path.is_dir():
+    path = check_text_source(source)
+    if path is None:
+        docs = _hf_documents(source, field)
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + (".jsonl",) and p.is_file())
+        if not files:
+            raise LowbitError(f"text source {path} holds no {', '.join(TEXT_SUFFIXES + ('.jsonl',))} files")
         docs = []
         for f in files:
-            docs.extend(_jsonl_documents(f, field) if f.suffix == ".jsonl" else [f.read_text(encoding="utf-8", errors="replace")])
-    elif path.is_file():
-        docs = _jsonl_documents(path, field) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8", errors="replace")]
-    elif path.suffix or source.startswith((".", "/")):
-        raise LowbitError(f"text source {source} does not exist")
+            docs.extend(_jsonl_documents(f, field) if f.suffix == ".jsonl" else [read_text_file(f)])
     else:
-        docs = _hf_documents(source, field)
+        docs = _jsonl_documents(path, field) if path.suffix == ".jsonl" else [read_text_file(path)]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise LowbitError(f"text source {source} holds no text")
     return docs
+
+
+def check_text_source(source: str) -> Path | None:
+    """Cheap check of a text source before any work: the local file or folder it names (None for
+    pydoc or a dataset name); a path that does not exist is an error naming it."""
+    if source == "pydoc":
+        return None
+    if source == "python-docs":
+        if not DEBIAN_PYDOC.is_dir():
+            raise LowbitError(f"{DEBIAN_PYDOC} is missing; apt-get install python3.11-doc")
+        return DEBIAN_PYDOC
+    path = Path(source).expanduser()
+    if path.is_dir() or path.is_file():
+        return path
+    if path.exists():
+        raise LowbitError(f"text source {source} is neither a file nor a folder")
+    name = source.partition(":")[0]
+    if "/" not in name and "\\" not in name and not name.startswith((".", "~")) and not path.suffix:
+        return None  # a dataset name ("wikitext", "wikitext:wikitext-2-raw-v1")
+    if hub_shaped(name):
+        return None  # "owner/name" on the hub
+    raise LowbitError(f"text source {source}: no such file or folder; pass a .txt/.jsonl file, a folder of "
+                      "them, pydoc, python-docs or a dataset name")
 
 
 @dataclass(frozen=True)
