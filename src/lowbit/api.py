@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
-from lowbit.calibration import calibration_batches, load_text
+from lowbit.calibration import calibration_batches
+from lowbit.calibration.resume import claim_state_dir, default_state_dir
 from lowbit.errors import LowbitError
 from lowbit.export.model import QuantizedModel
-from lowbit.io.atomic import check_output_dir
 from lowbit.methods import get_method
 from lowbit.recipe import Recipe
 from lowbit.spec import QuantSpec
@@ -56,30 +57,42 @@ def make_recipe(*, method: str = "gptq", bits: int = 4, group_size: int | None =
     return recipe
 
 
-def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, calib_text: str = "pydoc",
+def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, calib_text: str | None = None,
                 n_samples: int = 64, seq_len: int = 512, overwrite: bool = False, progress: bool = True,
                 state_dir: str | Path | None = None, fmt: str = "lowbit", format_options: dict | None = None):
     """Load, quantize per recipe, save atomically to `out` (if given) in format `fmt`; returns
-    (model, tokenizer)."""
+    (model, tokenizer).
+
+    calib_text: None is the stdlib pydoc text for methods that need calibration (a text given to
+    one that does not is a warning). A calibrated run writing `out` keeps its state beside it
+    (`.OUT.lowbit-state`, removed after the save) unless `state_dir` is given, so rerunning an
+    interrupted call resumes."""
     from lowbit.export import format_module
     from lowbit.models import load_model
     from lowbit.pipeline import quantize_model
+    from lowbit.preflight import check_quantize_args
 
     writer = format_module(fmt)  # an unknown format fails before any work
-    if out is not None:
-        check_output_dir(out, overwrite)  # refuse before any work
     method = get_method(recipe.method, recipe.options)
+    split = check_quantize_args(model_source, out, recipe, method, calib_text=calib_text, n_samples=n_samples,
+                                seq_len=seq_len, overwrite=overwrite)  # refuse before any work
     model, tokenizer = load_model(model_source, lazy=True)  # blocks read from disk as the pipeline reaches them
     calib = None
-    if method.needs_calibration:
-        split = load_text(calib_text)
+    if split is not None:
         calib = calibration_batches(tokenizer, split.calibration, n_samples, seq_len)
+    own_state = state_dir is None and out is not None and calib is not None
+    if own_state:
+        state_dir = claim_state_dir(default_state_dir(out), {"source": str(model_source), "recipe": repr(recipe),
+                                                             "calib": calib_text or "pydoc", "samples": n_samples,
+                                                             "seq_len": seq_len})
     records = quantize_model(model, recipe, method, calib, progress=progress, state_dir=state_dir)
     if out is not None:
         qm = QuantizedModel.from_model(model, tokenizer, records, method=recipe.method,
                                        options=dataclasses.asdict(method.options), source=str(model_source),
-                                       calibration=calib_text if calib is not None else None)
+                                       calibration=(calib_text or "pydoc") if calib is not None else None)
         writer.write(qm, out, overwrite=overwrite, **(format_options or {}))
+    if own_state:
+        shutil.rmtree(state_dir, ignore_errors=True)
     return model, tokenizer
 
 
@@ -87,7 +100,7 @@ def quantize(model: str = "default", *, method: str = "gptq", bits: int = 4, gro
              symmetric: bool = True, dtype: str = "int", quantize_head: bool = False, head_bits: int | None = None,
              ignore: tuple[str, ...] = (),
              options: dict | None = None, recipe: Recipe | str | Path | None = None, out: str | Path | None = None,
-             calib: str = "pydoc", samples: int = 64, seq_len: int = 512, overwrite: bool = False,
+             calib: str | None = None, samples: int = 64, seq_len: int = 512, overwrite: bool = False,
              state_dir: str | Path | None = None, progress: bool = True, format: str = "lowbit",
              format_options: dict | None = None):
     """Quantize `model` (a folder, .gguf, hub name or "default") as `lowbit quantize` does and save it

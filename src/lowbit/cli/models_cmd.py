@@ -48,12 +48,15 @@ def register(app: typer.Typer) -> None:
         head_bits: Optional[int] = typer.Option(None, "--head-bits", help="also quantize lm_head at this width "
                                                                          "(8: int8 per channel)"),
         ignore: list[str] = typer.Option([], help="regex of module names to keep in full precision"),
-        calib: str = typer.Option("pydoc", help="calibration text: pydoc, a file/folder, or a dataset name"),
-        samples: int = typer.Option(64, help="calibration samples"),
-        seq_len: int = typer.Option(512, help="calibration sample length in tokens"),
+        calib: Optional[str] = typer.Option(None, help="calibration text: pydoc (default), a file/folder, "
+                                                         "or a dataset name"),
+        samples: int = typer.Option(64, min=1, help="calibration samples"),
+        seq_len: int = typer.Option(512, min=1, help="calibration sample length in tokens"),
         overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
         state_dir: Optional[Path] = typer.Option(None, help="calibrated methods: save state after each block "
-                                                           "here and resume an interrupted run from it"),
+                                                           "here and resume an interrupted run from it "
+                                                           "(default: .OUT.lowbit-state beside OUT, removed "
+                                                           "after the save)"),
         low_memory: bool = typer.Option(False, "--low-memory", help="lower peak memory, slower (unmaps large "
                                                                     "temporaries at once)"),
     ):
@@ -79,16 +82,21 @@ def register(app: typer.Typer) -> None:
         original: str = typer.Argument(..., help="the original model (folder, .gguf or 'default')"),
         quantized: str = typer.Argument(..., help="the quantized lowbit checkpoint"),
         text: str = typer.Option("pydoc", help="evaluation text source (its held-out part is used)"),
-        seq_len: int = typer.Option(512),
-        windows: int = typer.Option(16, help="number of evaluation windows"),
-        speed: bool = typer.Option(True, "--speed/--no-speed", help="measure decode and prefill tokens/s"),
+        seq_len: int = typer.Option(512, min=2, help="tokens per evaluation window"),
+        windows: int = typer.Option(16, min=1, help="number of evaluation windows"),
+        speed: bool = typer.Option(False, "--speed/--no-speed", help="also measure decode and prefill tokens/s "
+                                                                     "(slow; on an idle machine)"),
         as_json: bool = typer.Option(False, "--json", help="print JSON"),
     ):
         """Compare QUANTIZED with ORIGINAL: perplexity, KL, top-1 agreement, size, bits, speed."""
+        from lowbit.calibration.text import check_text_source
         from lowbit.eval.compare import compare_models, format_table
         from lowbit.models import load_model
-        from lowbit.models.loader import default_model_dir
+        from lowbit.models.loader import default_model_dir, resolve_source
 
+        for source in (original, quantized):  # typos fail before either model loads
+            resolve_source(source)
+        check_text_source(text)
         orig_model, tokenizer = load_model(original)
         quant_model, _ = load_model(quantized)
         orig_path = default_model_dir() if original == "default" else original
