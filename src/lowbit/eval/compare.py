@@ -7,19 +7,24 @@ from pathlib import Path
 from lowbit.calibration import eval_windows, load_text
 from lowbit.eval.quality import quality_pair
 from lowbit.eval.size import bits_per_weight, disk_bytes, memory_bytes
-from lowbit.eval.speed import decode_tokens_per_s, prefill_tokens_per_s
+from lowbit.eval.speed import decode_tokens_per_s, prefill_tokens_per_s, warn_if_busy
 
 KEYS = ("perplexity", "kl", "top1_agreement", "bits_per_weight", "size_bytes", "memory_bytes",
         "decode_tokens_per_s", "prefill_tokens_per_s")
 
 
 def compare_models(original, quantized, tokenizer, *, original_path=None, quantized_path=None,
-                   text: str = "pydoc", seq_len: int = 512, max_windows: int = 16, speed: bool = True,
+                   text: str = "pydoc", seq_len: int = 512, max_windows: int = 16, speed: bool = False,
                    decode_tokens: int = 32, prefill_len: int = 256, progress: bool = True) -> dict:
-    """{"original": {...}, "quantized": {...}} with the KEYS above (speed keys None if speed=False)."""
+    """{"original": {...}, "quantized": {...}} with the KEYS above (speed keys None unless speed=True:
+    wall-clock figures, meaningful on an idle machine only, so a busy one gets a warning)."""
     split = load_text(text)
     windows = eval_windows(tokenizer, split.evaluation, seq_len, max_windows)
-    orig, quant = quality_pair(original, quantized, windows, progress)
+    labels = (f"the original model {original_path}" if original_path else "the original model",
+              f"the quantized model {quantized_path}" if quantized_path else "the quantized model")
+    orig, quant = quality_pair(original, quantized, windows, progress, labels)
+    if speed:
+        warn_if_busy()
     for metrics, model, path in ((orig, original, original_path), (quant, quantized, quantized_path)):
         metrics["bits_per_weight"] = bits_per_weight(model)
         metrics["memory_bytes"] = memory_bytes(model)
@@ -31,7 +36,8 @@ def compare_models(original, quantized, tokenizer, *, original_path=None, quanti
             metrics["prefill_tokens_per_s"] = prefill_tokens_per_s(model, prefill)
         else:
             metrics["decode_tokens_per_s"] = metrics["prefill_tokens_per_s"] = None
-    return {"original": orig, "quantized": quant}
+    return {"original": orig, "quantized": quant,
+            "text": {"source": text, "part": "held-out", "windows": int(windows.shape[0]), "seq_len": int(seq_len)}}
 
 
 def format_table(result: dict) -> str:
@@ -47,4 +53,8 @@ def format_table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    t = result.get("text")
+    if t:
+        lines.append(f"text: held-out part of {t['source']}, {t['windows']} windows x {t['seq_len']} tokens"
+                     + ("" if o.get("decode_tokens_per_s") is not None else "; add --speed for tokens/s"))
     return "\n".join(lines)

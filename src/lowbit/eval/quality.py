@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits.float()
+
+def _logits(model, ids: torch.Tensor, label: str = "the model", window: int = 0) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise LowbitError(f"{label} gives NaN/Inf logits on evaluation window {window}; its perplexity would be "
+                          "meaningless: check that model's weights (re-quantize or re-export it)")
+    return logits
 
 
 def logprob_stats(ref_lp: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -29,14 +35,21 @@ def token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.T
 
 
 @torch.no_grad()
-def quality_many(original, models: dict, windows: torch.Tensor, progress: bool = True) -> tuple[dict, dict]:
-    """Like quality_pair for several quantized models at once: the original runs once per window."""
+def quality_many(original, models: dict, windows: torch.Tensor, progress: bool = True,
+                 labels: dict | None = None) -> tuple[dict, dict]:
+    """Like quality_pair for several quantized models at once: the original runs once per window.
+    Non-finite logits are an error naming the model (`labels`: {key or "original": name})."""
+    labels = labels or {}
+    if windows.shape[0] == 0 or windows.shape[-1] < 2:
+        raise LowbitError(f"evaluation needs at least one window of 2 or more tokens; got {tuple(windows.shape)}")
     tots = {k: {"nll_ref": 0.0, "nll": 0.0, "kl": 0.0, "top1": 0, "n": 0} for k in models}
-    for ids in tqdm(windows, desc="evaluating", disable=not progress, unit="window"):
+    for w, ids in enumerate(tqdm(windows, desc="evaluating", disable=not progress, unit="window")):
         ids = ids[None]
-        ref_lp = F.log_softmax(_logits(original, ids)[:, :-1], dim=-1)
+        logits = _logits(original, ids, labels.get("original", "the original model"), w)
+        ref_lp = F.log_softmax(logits[:, :-1], dim=-1)
         for k, model in models.items():
-            s = logprob_stats(ref_lp, F.log_softmax(_logits(model, ids)[:, :-1], dim=-1), ids[:, 1:])
+            logits = _logits(model, ids, labels.get(k, f"the quantized model {k!r}"), w)
+            s = logprob_stats(ref_lp, F.log_softmax(logits[:, :-1], dim=-1), ids[:, 1:])
             for key in tots[k]:
                 tots[k][key] += s[key]
     any_tot = next(iter(tots.values()))
@@ -47,7 +60,9 @@ def quality_many(original, models: dict, windows: torch.Tensor, progress: bool =
     return orig, results
 
 
-def quality_pair(original, quantized, windows: torch.Tensor, progress: bool = True) -> tuple[dict, dict]:
+def quality_pair(original, quantized, windows: torch.Tensor, progress: bool = True,
+                 labels: tuple[str, str] = ("the original model", "the quantized model")) -> tuple[dict, dict]:
     """Metrics of the original and the quantized model over [n, seq] evaluation windows."""
-    orig, results = quality_many(original, {"q": quantized}, windows, progress)
+    orig, results = quality_many(original, {"q": quantized}, windows, progress,
+                                 labels={"original": labels[0], "q": labels[1]})
     return orig, results["q"]

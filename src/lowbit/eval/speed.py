@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import statistics
 import time
 
 import torch
+
+log = logging.getLogger(__name__)
+
+
+def machine_busy(threshold: float = 0.5) -> tuple[bool, float, int]:
+    """(busy, 1-minute load average, cores): busy when the load average exceeds `threshold` x cores,
+    i.e. other work competes for the CPU and tokens/s would measure the machine, not the model."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return False, 0.0, cores
+    return load > threshold * cores, load, cores
+
+
+def warn_if_busy(threshold: float = 0.5) -> bool:
+    busy, load, cores = machine_busy(threshold)
+    if busy:
+        log.warning("the machine is busy (1-minute load average %.2f on %d cores): the speed figures below "
+                    "measure the competition for the CPU as much as the model; rerun --speed on an idle machine",
+                    load, cores)
+    return busy
 
 
 @torch.no_grad()
