@@ -326,6 +326,22 @@ def test_temporaries_of_a_live_writer_are_kept(tmp_path):
     assert live.exists() and unrelated.exists()
 
 
+def test_planted_pickle_in_a_state_dir_is_refused(lowbit_cli, tiny_dir, tmp_path):
+    import builtins
+    import pickle
+
+    class CreatesFile:
+        def __reduce__(self):
+            return builtins.open, (str(tmp_path / "pwned"), "w")
+
+    state, out = tmp_path / "state", tmp_path / "out"
+    state.mkdir()
+    (state / "calibration_state.safetensors").write_bytes(pickle.dumps({"x": CreatesFile()}))
+    lowbit_cli("quantize", tiny_dir, "--method", "gptq", *QUICK, "--state-dir", state, "-o", out
+               ).assert_error("calibration_state.safetensors", "delete it")
+    assert not (tmp_path / "pwned").exists() and not out.exists()
+
+
 # ---- eval -------------------------------------------------------------------------------------
 
 def test_eval_is_quality_only_by_default_and_warns_when_busy(lowbit_cli, tiny_dir, tmp_path, monkeypatch, caplog):
