@@ -95,3 +95,19 @@ def test_multi_line_messages_become_one_line(lowbit_cli, monkeypatch, tmp_path):
     r = lowbit_cli("quantize", "default", "-o", tmp_path / "out")
     assert r.assert_error() == "error: first line second line"
 
+
+
+@pytest.mark.parametrize("exc, needle, code", [
+    (OSError(28, "No space left on device", "/data/out"), "error: No space left on device: /data/out", 1),
+    (PermissionError(13, "Permission denied", "/data/model"), "error: permission denied: /data/model", 2),
+    (FileNotFoundError(2, "No such file or directory", "/data/tok.json"), "error: no such file or folder: /data/tok.json", 2),
+])
+def test_os_errors_are_one_line(lowbit_cli, monkeypatch, tmp_path, exc, needle, code):
+    import lowbit.api
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(lowbit.api, "quantize", fail)
+    monkeypatch.delenv("LOWBIT_DEBUG", raising=False)
+    assert lowbit_cli("quantize", "default", "-o", tmp_path / "out").assert_error(code=code) == needle

@@ -1,8 +1,8 @@
 """`lowbit` command line: quantize, eval, inspect (and kv-eval).
 
 Exit codes: 0 done; 2 bad input or usage (one `error: ...` line on stderr, nothing written);
-130 interrupted (Ctrl-C; rerunning the same command resumes); 1 an internal error (one line,
-`LOWBIT_DEBUG=1` shows the traceback).
+130 interrupted (Ctrl-C; rerunning the same command resumes); 1 anything else: out of memory, a
+failed write (disk full), an internal error (one line; `LOWBIT_DEBUG=1` shows the traceback).
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def main() -> None:
         _fail(str(e))
     except FileNotFoundError as e:
         _fail(f"no such file or folder: {e.filename or e}")
+    except PermissionError as e:
+        _fail(f"permission denied: {e.filename or e}")
     except NoArgsIsHelpError as e:
         typer.echo(e.format_message())  # the help, on stdout
         _fail("no command given; choose one of the commands above (`lowbit COMMAND --help` for its options)")
@@ -95,6 +97,10 @@ def main() -> None:
         code = e.exit_code
     except MemoryError:
         _fail("out of memory; try --low-memory, fewer --samples or a shorter --seq-len", 1)
+    except OSError as e:  # disk full, I/O error: not bad input, not a bug
+        if os.environ.get(DEBUG_ENV):
+            raise
+        _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 1)
     except Exception as e:  # a bug, not bad input: one line unless debugging
         if os.environ.get(DEBUG_ENV):
             raise
