@@ -123,6 +123,18 @@ def check_recipe_fits(recipe, config: dict) -> None:
         (recipe.head_spec or recipe.spec).check_shape(int(config["vocab_size"]), hidden, arch.head)
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`: min and max propagate both, exactly (no overflow as in a sum), and one
+    aminmax pass is ~20x faster than a float64 sum here (15 ms for SmolLM2's embeddings)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    try:
+        lo, hi = torch.aminmax(t)
+    except (RuntimeError, NotImplementedError):  # dtypes without aminmax (float8)
+        return all_finite(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _nonfinite_error(name: str, t: torch.Tensor, where: str) -> LowbitError:
     n = count_nonfinite(t)
     return LowbitError(f"{name} in {where} holds {n} NaN/Inf value{'s' if n != 1 else ''}; "
@@ -133,23 +145,39 @@ def check_finite_model(model, where: str) -> None:
     """Every parameter and buffer (norms, embeddings, biases, quantized scales too) holds only
     finite values; tensors still on the meta device (lazily loaded) are skipped."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not t.is_meta and not all_finite(t.detach()):
+        if not t.is_meta and not _finite(t.detach()):
             raise _nonfinite_error(name, t, where)
 
 
-def check_finite_files(folder: Path, model) -> None:
-    """The tensors of a lazily loaded model that are still on disk (meta in `model`), read one at a
-    time from the folder's safetensors files."""
-    from safetensors import safe_open
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_CHUNK = 16 << 20  # bytes read at a time
 
+
+def _read_header(f) -> tuple[dict, int]:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(n)), 8 + n
+
+
+def check_finite_files(folder: Path, model) -> None:
+    """The tensors of a lazily loaded model that are still on disk (meta in `model`), read with
+    plain reads in 16 MiB pieces: no file mapping, so the check adds one piece to the resident
+    memory, not the file (headers were checked by `check_hf_folder`)."""
     loaded = {n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
               if not t.is_meta}
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if name in loaded:
-                    continue
-                t = f.get_tensor(name)
-                if not all_finite(t):
-                    raise _nonfinite_error(name, t, str(file))
-                del t
+        with open(file, "rb") as f:
+            header, base = _read_header(f)
+            entries = sorted((v["data_offsets"], k, v["dtype"]) for k, v in header.items()
+                             if k != "__metadata__" and k not in loaded and v["dtype"] in _FLOAT_DTYPES)
+            for (begin, end), name, dtype in entries:
+                dtype = _FLOAT_DTYPES[dtype]
+                step = _CHUNK - _CHUNK % dtype.itemsize
+                bad = 0
+                f.seek(base + begin)
+                for start in range(begin, end, step):
+                    piece = torch.frombuffer(bytearray(f.read(min(step, end - start))), dtype=dtype)
+                    if not _finite(piece):
+                        bad += count_nonfinite(piece)
+                if bad:
+                    raise LowbitError(f"{name} in {file} holds {bad} NaN/Inf value{'s' if bad != 1 else ''}; "
+                                      "fix or re-export the model before using it")
