@@ -24,10 +24,11 @@ import torch
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_path, atomic_write_bytes
+from lowbit.io.tensor_file import write_safetensors
 
 log = logging.getLogger(__name__)
 STATE = "calibration_state.safetensors"
-KEY = "lowbit_state"  # the one metadata entry (one key: safetensors writes several in random order)
+KEY = "lowbit_state"  # the one metadata entry
 LEGACY = ("calibration_state.pt", "block_*.pt")  # pickles of earlier versions: never loaded
 RUN = "run.json"
 
@@ -36,20 +37,9 @@ def _block_file(state_dir: Path, block: int) -> Path:
     return state_dir / f"block_{block:04d}.safetensors"
 
 
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    """safetensors refuses views sharing storage: copy those (and only those)."""
-    t = t.detach()
-    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes:
-        return t
-    return t.contiguous().clone()
-
-
 def _save(tensors: dict[str, torch.Tensor], info: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: _own_storage(v) for k, v in tensors.items()}, str(tmp),
-                  metadata={KEY: json.dumps(info, sort_keys=True)})
+    with atomic_path(path) as tmp:  # streamed, no copies: the next block's inputs are tens of MiB
+        write_safetensors(tmp, tensors, {KEY: json.dumps(info, sort_keys=True)})
 
 
 def _refuse_legacy(state_dir: Path) -> None:
