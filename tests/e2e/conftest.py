@@ -28,8 +28,13 @@ class Run:
 
 @pytest.fixture
 def lowbit_cli(capsys, monkeypatch):
-    """lowbit_cli(*args) -> Run: `lowbit ARGS` through lowbit.cli.main, SystemExit caught."""
+    """lowbit_cli(*args) -> Run: `lowbit ARGS` through lowbit.cli.main, SystemExit caught. The
+    CLI's process-wide settings (`lowbit.runtime.configure`: glibc malloc options, which cannot be
+    undone) are skipped in-process, so other tests still see an untouched process."""
+    import lowbit.runtime
     from lowbit.cli import main
+
+    monkeypatch.setattr(lowbit.runtime, "configure", lambda **kw: {})
 
     def run(*args) -> Run:
         capsys.readouterr()

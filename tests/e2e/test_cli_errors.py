@@ -55,10 +55,10 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     """A real SIGINT in the middle of a command: exit 130 and the resume hint, no traceback."""
     code = ("import os, signal, time\n"
             "import lowbit.api as api\n"
-            "def quantize(*a, **k):\n"
+            "def quantize_to(*a, **k):\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    time.sleep(30)\n"
-            "api.quantize = quantize\n"
+            "api.quantize_to = quantize_to\n"
             "from lowbit.cli import main\n"
             "main()\n")
     r = subprocess.run([sys.executable, "-c", code, "quantize", "default", "-o", str(tmp_path / "out")],
@@ -74,7 +74,7 @@ def test_unexpected_exception_is_one_line_exit_1(lowbit_cli, monkeypatch, tmp_pa
     def boom(*a, **k):
         raise RuntimeError("something broke")
 
-    monkeypatch.setattr(lowbit.api, "quantize", boom)
+    monkeypatch.setattr(lowbit.api, "quantize_to", boom)
     monkeypatch.delenv("LOWBIT_DEBUG", raising=False)
     r = lowbit_cli("quantize", "default", "-o", tmp_path / "out")
     line = r.assert_error("internal error: RuntimeError: something broke", "LOWBIT_DEBUG=1", code=1)
@@ -91,7 +91,7 @@ def test_multi_line_messages_become_one_line(lowbit_cli, monkeypatch, tmp_path):
     def bad(*a, **k):
         raise LowbitError("first line\nsecond line")
 
-    monkeypatch.setattr(lowbit.api, "quantize", bad)
+    monkeypatch.setattr(lowbit.api, "quantize_to", bad)
     r = lowbit_cli("quantize", "default", "-o", tmp_path / "out")
     assert r.assert_error() == "error: first line second line"
 
@@ -108,6 +108,6 @@ def test_os_errors_are_one_line(lowbit_cli, monkeypatch, tmp_path, exc, needle, 
     def fail(*a, **k):
         raise exc
 
-    monkeypatch.setattr(lowbit.api, "quantize", fail)
+    monkeypatch.setattr(lowbit.api, "quantize_to", fail)
     monkeypatch.delenv("LOWBIT_DEBUG", raising=False)
     assert lowbit_cli("quantize", "default", "-o", tmp_path / "out").assert_error(code=code) == needle
