@@ -10,6 +10,8 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 
+POSITIONS = 128  # positions per piece of the log-softmax / KL arithmetic
+
 
 def _logits(model, ids: torch.Tensor, label: str = "the model", window: int = 0) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits.float()
@@ -47,11 +49,17 @@ def quality_many(original, models: dict, windows: torch.Tensor, progress: bool =
         ids = ids[None]
         logits = _logits(original, ids, labels.get("original", "the original model"), w)
         ref_lp = F.log_softmax(logits[:, :-1], dim=-1)
+        del logits
         for k, model in models.items():
-            logits = _logits(model, ids, labels.get(k, f"the quantized model {k!r}"), w)
-            s = logprob_stats(ref_lp, F.log_softmax(logits[:, :-1], dim=-1), ids[:, 1:])
-            for key in tots[k]:
-                tots[k][key] += s[key]
+            logits = _logits(model, ids, labels.get(k, f"the quantized model {k!r}"), w)[:, :-1]
+            # in pieces of positions: the temporaries of a [seq, vocab] log-softmax and KL are
+            # 100 MiB each for SmolLM2 at 512 tokens, a piece's 25 MiB
+            for start in range(0, logits.shape[1], POSITIONS):
+                piece = slice(start, start + POSITIONS)
+                s = logprob_stats(ref_lp[:, piece], F.log_softmax(logits[:, piece], dim=-1), ids[:, 1:][:, piece])
+                for key in tots[k]:
+                    tots[k][key] += s[key]
+            del logits
     any_tot = next(iter(tots.values()))
     n = any_tot["n"]
     orig = {"perplexity": math.exp(any_tot["nll_ref"] / n), "kl": 0.0, "top1_agreement": 1.0, "eval_tokens": n}
