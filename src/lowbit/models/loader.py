@@ -61,16 +61,21 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     except LowbitError as e:
         raise LowbitError(f"{path}: {e}") from None
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        loaded, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                            output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as e:
         raise LowbitError(f"cannot load {path} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    check_loading_info(info, path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), assign=True, strict=False)
     fresh.tie_weights()
+    still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
+    if still_meta:
+        raise LowbitError(f"{path} lacks weights the architecture needs ({', '.join(still_meta[:4])})")
     fresh.config.dtype = "float32"
     fresh.eval()
     return fresh.to(dtype), tokenizer
