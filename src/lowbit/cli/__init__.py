@@ -67,7 +67,7 @@ def _usage_error(e) -> None:
 def _run() -> int:
     """Run the app; returns its exit code (typer returns Exit codes, e.g. 130 for Ctrl-C, instead of
     raising them when not in standalone mode)."""
-    code = app(standalone_mode=False)
+    code = app(standalone_mode=False, prog_name="lowbit")
     return code if isinstance(code, int) else 0
 
 
