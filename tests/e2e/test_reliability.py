@@ -148,6 +148,14 @@ def test_overwrite_replaces_only_a_lowbit_checkpoint_or_an_empty_folder(lowbit_c
     assert (empty / "lowbit.json").is_file()
     assert lowbit_cli("quantize", tiny_dir, *RTN, "-o", empty, "--overwrite", "--bits", "8").code == 0  # a checkpoint
     assert json.loads((empty / "lowbit.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]["spec"]["bits"] == 8
+    model_folder = tmp_path / "model"  # a plain model folder (not the input): refused too
+    model_folder.mkdir()
+    (model_folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    lowbit_cli("quantize", tiny_dir, *RTN, "-o", model_folder, "--overwrite").assert_error(str(model_folder))
+    hf_quantized = tmp_path / "gptq"  # a quantized checkpoint in a Hugging Face format: replaceable
+    hf_quantized.mkdir()
+    (hf_quantized / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
+    assert lowbit_cli("quantize", tiny_dir, *RTN, "-o", hf_quantized, "--overwrite").code == 0
     file_out = tmp_path / "file"
     file_out.write_text("x")
     lowbit_cli("quantize", tiny_dir, *RTN, "-o", file_out, "--overwrite").assert_error(str(file_out), "not a folder")

@@ -19,14 +19,22 @@ from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "lowbit.json"  # what makes a folder a lowbit checkpoint (the only kind --overwrite replaces)
+MANIFEST = "lowbit.json"  # what makes a folder a lowbit checkpoint
 
 
-def _is_lowbit_checkpoint(path: Path) -> bool:
+def _json(file: Path) -> dict:
     try:
-        return json.loads((path / MANIFEST).read_text()).get("format") == "lowbit"
-    except (OSError, ValueError, AttributeError):
-        return False
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_quantized_checkpoint(path: Path) -> bool:
+    """A folder --overwrite may replace: a lowbit checkpoint (`lowbit.json`) or a quantized
+    checkpoint in a Hugging Face format (config.json with a `quantization_config`: what lowbit's
+    other writers produce). Never a plain model folder, nor anything else."""
+    return _json(path / MANIFEST).get("format") == "lowbit" or bool(_json(path / "config.json").get("quantization_config"))
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -37,7 +45,7 @@ def _within(path: Path, folder: Path) -> bool:
 def check_output_dir(path: str | Path, overwrite: bool, protect: tuple = ()) -> Path:
     """Refuse an output folder before any work: the current folder or one of its parents, a folder
     holding one of the `protect` paths (the input model), an existing folder without `overwrite`,
-    and with `overwrite` anything but a lowbit checkpoint or an empty folder. Returns the path."""
+    and with `overwrite` anything but a quantized checkpoint or an empty folder. Returns the path."""
     path = Path(path).expanduser()
     resolved = path.resolve()
     cwd = Path.cwd().resolve()
@@ -53,10 +61,10 @@ def check_output_dir(path: str | Path, overwrite: bool, protect: tuple = ()) -> 
             raise LowbitError(f"output {path} exists and is not a folder; choose another output folder")
         if not overwrite:
             raise LowbitError(f"output folder {path} exists; pass --overwrite to replace it")
-        if any(path.iterdir()) and not _is_lowbit_checkpoint(path):
-            raise LowbitError(f"output folder {path} is not a lowbit checkpoint (no {MANIFEST}) and not empty; "
-                              "--overwrite only replaces lowbit checkpoints: choose another output folder "
-                              "or remove it yourself")
+        if any(path.iterdir()) and not is_quantized_checkpoint(path):
+            raise LowbitError(f"output folder {path} is not a lowbit checkpoint (no {MANIFEST}, no quantization_config) "
+                              "and not empty; --overwrite only replaces quantized checkpoints or empty folders: "
+                              "choose another output folder or remove it yourself")
     parent = resolved.parent
     while not parent.exists():
         parent = parent.parent
