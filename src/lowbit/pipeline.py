@@ -21,7 +21,7 @@ from lowbit.calibration.capture import BlockInputs, block_dtype, capture_first_b
 from lowbit.calibration.lockstep import Lockstep
 from lowbit.calibration.resume import fingerprint, load_state, save_state
 from lowbit.core.finite import all_finite, count_nonfinite
-from lowbit.core.quantize import QuantizedWeight
+from lowbit.core.quantize import QuantizedWeight, quantize
 from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, arch_for, blocks_of, get_module
 from lowbit.models.lazy import materialize_block, park, unpark
@@ -40,7 +40,13 @@ def check_finite(model, names) -> None:
 
 
 def _quantize_one(method, name, linear, spec, stats, write_back: bool = True) -> QuantizedWeight:
-    qw = method.quantize_linear(name, linear.weight.detach().float(), spec, stats)
+    if stats is None and method.needs_calibration:
+        # outside the decoder blocks (lm_head) no calibration statistics are gathered
+        log.info("%s: no calibration statistics outside the decoder blocks; rounded to nearest (%s)",
+                 name, spec.describe())
+        qw = quantize(linear.weight.detach().float(), spec)
+    else:
+        qw = method.quantize_linear(name, linear.weight.detach().float(), spec, stats)
     if write_back:  # later groups and blocks must see this layer's quantized outputs
         linear.weight.data.copy_(qw.dequantize(linear.weight.dtype))
     return qw

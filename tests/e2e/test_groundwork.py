@@ -92,3 +92,16 @@ def test_generate_streams_and_reports_speed(tiny_dir, tmp_path):
     pieces = []
     out = generate_text(tmp_path / "q", "Hello", max_new_tokens=5, stream=pieces.append)
     assert out["new_tokens"] == 5 and "".join(pieces) == out["text"]
+
+
+def test_calibrated_method_with_quantized_head(tiny_dir, tmp_path):
+    """lm_head lies outside the calibrated blocks: it is rounded to nearest at its own spec."""
+    import lowbit
+
+    model, _ = lowbit.quantize(str(tiny_dir), method="gptq", bits=4, group_size=64, head_bits=8, samples=2,
+                               seq_len=32, out=tmp_path / "q", progress=False)
+    from lowbit.export import lowbit as fmt
+
+    head = fmt.read(tmp_path / "q").layers["lm_head"]
+    assert head.spec.bits == 8 and head.spec.granularity == "channel" and head.error is None
+    assert type(model.lm_head).__name__ == "QuantLinear"

@@ -21,9 +21,13 @@ def register(app: typer.Typer) -> None:
         from lowbit.errors import LowbitError
         from lowbit.export import format_module, read
 
+        from lowbit.io.atomic import check_output_dir
+
         module = format_module(fmt)  # an unknown format fails before the checkpoint is read
         if not checkpoint.exists():
             raise LowbitError(f"{checkpoint} does not exist")
+        if fmt != "gguf":  # a folder; never the checkpoint being read or a folder holding it
+            check_output_dir(out, overwrite, protect=(checkpoint,))
         qm = read(checkpoint)
         module.write(qm, out, overwrite=overwrite, **parse_option_args(option))
         typer.echo(f"saved {out} ({fmt})")

@@ -55,3 +55,24 @@ def prefill_tokens_per_s(model, ids: torch.Tensor, repeats: int = 3) -> float:
         model(input_ids=ids, use_cache=False)
         times.append(time.perf_counter() - t0)
     return ids.shape[1] / statistics.median(times)
+
+
+@torch.no_grad()
+def compiled_decode_tokens_per_s(model, prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 2) -> float:
+    """Decode tokens/s with lowbit's runtime: a static KV cache and a compiled decode step
+    (`lowbit.runtime.compiled_decode`). The first call of the same shape compiles; the model's
+    generation settings are restored afterwards."""
+    from lowbit.runtime import compiled_decode, eager_decode
+
+    compiled_decode(model)
+    try:
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        model.generate(prompt_ids, **kw)  # compiles for exactly these shapes
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.generate(prompt_ids, **kw)
+            times.append(time.perf_counter() - t0)
+        return new_tokens / min(times)
+    finally:
+        eager_decode(model)
