@@ -32,14 +32,20 @@ from lowbit.io.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 TYPES = tuple(LAYOUTS)
-FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
+FLOAT_TYPES = ("F32", "F16")  # for tensors that are not records (e.g. a float reference file)
+FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
               "Q5_1": "MOSTLY_Q5_1", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
 
 
-def _check_type(t: str | None, key: str = "type") -> str | None:
-    if t is not None and t not in LAYOUTS:
-        raise LowbitError(f"gguf format option {key}={t!r} is not a type lowbit writes; choose one of {', '.join(TYPES)}")
+def _check_type(t: str | None, key: str = "type", floats: bool = False) -> str | None:
+    valid = TYPES + (FLOAT_TYPES if floats else ())
+    if t is not None and t not in valid:
+        raise LowbitError(f"gguf format option {key}={t!r} is not a type lowbit writes; choose one of {', '.join(valid)}")
     return t
+
+
+def _row_type(t: str, cols: int) -> str:
+    return t if t in FLOAT_TYPES else type_for_row(t, cols)
 
 
 def spec_for(type_name: str, cols: int):
@@ -66,7 +72,7 @@ def _record_type(name: str, qw) -> str:
 
 
 def _default_types(base: str, embed_type: str | None, output_type: str | None) -> tuple[str, str]:
-    output = output_type or ("Q8_0" if base == "Q8_0" else "Q6_K")
+    output = output_type or (base if base in ("Q8_0",) + FLOAT_TYPES else "Q6_K")
     return embed_type or base, output
 
 
@@ -96,7 +102,7 @@ def _plan(qm: QuantizedModel, base: str | None, embed_type: str | None, output_t
             continue
         tied_embed = owner == "model.embed_tokens" and not has_output
         t = output_t if owner == "lm_head" or tied_embed else embed_t
-        out.append((gname, key, "float", type_for_row(t, value.shape[1])))
+        out.append((gname, key, "float", _row_type(t, value.shape[1])))
     return sorted(out, key=lambda r: _tensor_order(r[0])), base
 
 
@@ -123,9 +129,9 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False, type:
           progress: bool = False) -> Path:
     """Write `qm` to the .gguf file `out` atomically; every tensor's type is checked first."""
     out = Path(out)
-    base = _check_type(type)
-    _check_type(embed_type, "embed_type")
-    _check_type(output_type, "output_type")
+    base = _check_type(type, floats=True)
+    _check_type(embed_type, "embed_type", floats=True)
+    _check_type(output_type, "output_type", floats=True)
     if out.suffix != ".gguf":
         raise LowbitError(f"{out}: a GGUF output is one file ending in .gguf")
     if out.exists() and not overwrite:
@@ -142,8 +148,9 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False, type:
         gguf_meta.add_tokenizer(w, qm.tokenizer, qm.config, tokenizer_pre or qm.meta.get("tokenizer_pre"))
         counts = Counter()
         for gname, key, kind, t in plan:
-            if kind == "f32":
-                w.add_tensor(gname, _rows(qm.config, key, qm.tensors[key]).float().numpy())
+            if kind == "f32" or t in FLOAT_TYPES:
+                value = _rows(qm.config, key, qm.tensors[key]).float().numpy()
+                w.add_tensor(gname, value.astype(np.float16) if t == "F16" else value)
             else:
                 if kind == "record":
                     qw = _permuted(qm.config, key, qm.layers[key])

@@ -190,6 +190,9 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # a file for others to read, not mkstemp's 0600
     try:
         yield Path(tmp)
         fd = os.open(tmp, os.O_RDONLY)
