@@ -77,6 +77,8 @@ def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, ca
     split = check_quantize_args(model_source, out, recipe, method, calib_text=calib_text, n_samples=n_samples,
                                 seq_len=seq_len, overwrite=overwrite)  # refuse before any work
     model, tokenizer = load_model(model_source, lazy=True)  # blocks read from disk as the pipeline reaches them
+    if hasattr(writer, "plan_recipe"):  # the format's own grid (e.g. gguf type=Q4_K), checked before any work
+        recipe = writer.plan_recipe(recipe, model, **(format_options or {}))
     calib = None
     if split is not None:
         calib = calibration_batches(tokenizer, split.calibration, n_samples, seq_len)

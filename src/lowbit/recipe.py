@@ -56,7 +56,8 @@ class Recipe:
 
 
 SPEC_KEYS = {"bits": int, "dtype": str, "symmetric": bool, "granularity": str, "group_size": (int, type(None)),
-             "integer_zero": bool, "scale_dtype": str}
+             "integer_zero": bool, "scale_dtype": str, "scaled_zero": bool, "superblock": (int, type(None)),
+             "scale_bits": (int, type(None))}
 TOP_KEYS = {"method", "ignore", "overrides", "quantize_head", "head", "options", *SPEC_KEYS}
 
 

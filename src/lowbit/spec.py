@@ -26,6 +26,18 @@ class QuantSpec:
     scale_dtype: how scales (and float zero points) are stored; float16 by default, as every
     consumer format stores them. Methods quantize against the rounded values (`core.qparams.
     round_params`), so what is saved is exactly what was optimised.
+
+    scaled_zero (asymmetric int only): the zero is stored already multiplied by the scale, as the
+    offset the dequantization subtracts: w = q·s − zero (a float; llama.cpp's Q4_1/Q5_1 store
+    −zero as the block minimum, its K-quants store zero as dmin·m). Same grid as a float zero
+    point z = zero/s, but the stored numbers and the arithmetic are the consumer's, bit for bit.
+
+    superblock / scale_bits (double-quantized parameters, llama.cpp's K-quants): every
+    `superblock` columns share one float16 factor d, and each group's scale is d times an integer
+    multiplier of `scale_bits` bits (unsigned 0..2^b-1 for asymmetric specs, whose zero offsets
+    get their own float16 factor and multipliers; 1..2^(b-1)-1 for symmetric ones, as Q6_K's int8
+    scales). The record then holds the products d·multiplier, exact in float32: such specs need
+    scale_dtype="float32" and are rounded onto their grid by `core.qparams.round_params`.
     """
 
     bits: int = 4
@@ -35,6 +47,9 @@ class QuantSpec:
     group_size: int | None = 64
     integer_zero: bool = True
     scale_dtype: str = "float16"
+    scaled_zero: bool = False
+    superblock: int | None = None
+    scale_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -55,6 +70,21 @@ class QuantSpec:
             raise LowbitError(f"dtype={self.dtype} is symmetric only; drop --asym")
         if self.symmetric or self.dtype != "int":
             object.__setattr__(self, "integer_zero", True)  # the zero point is 0 anyway
+        if self.scaled_zero:
+            if self.symmetric or self.dtype != "int":
+                raise LowbitError("scaled_zero=True needs an asymmetric integer spec (--asym)")
+            object.__setattr__(self, "integer_zero", False)
+        if (self.superblock is None) != (self.scale_bits is None):
+            raise LowbitError("superblock and scale_bits go together (e.g. superblock=256, scale_bits=6)")
+        if self.superblock is not None:
+            if self.dtype != "int" or self.granularity != "group" or not self.group_size:
+                raise LowbitError("superblock needs an integer spec with granularity='group'")
+            if self.superblock % self.group_size or not 2 <= int(self.scale_bits) <= 8:
+                raise LowbitError(f"superblock={self.superblock} must be a multiple of group_size={self.group_size} "
+                                  f"and scale_bits={self.scale_bits} in 2..8")
+            if self.scale_dtype != "float32" or not (self.symmetric or self.scaled_zero):
+                raise LowbitError("a superblock spec holds its scales as float32 products (scale_dtype='float32') "
+                                  "and, when asymmetric, its zero as a scaled offset (scaled_zero=True)")
         if self.granularity == "group":
             if self.group_size is None or self.group_size < 1:
                 raise LowbitError(f"group_size={self.group_size} must be a positive integer for granularity='group'")
@@ -79,7 +109,16 @@ class QuantSpec:
             return cols // self.group_size
         return 1
 
+    @property
+    def scale_levels(self) -> int | None:
+        """Largest integer multiplier of a superblock spec's scales (None without superblocks)."""
+        if self.scale_bits is None:
+            return None
+        return 2 ** (self.scale_bits - 1) - 1 if self.symmetric else 2**self.scale_bits - 1
+
     def check_shape(self, rows: int, cols: int, name: str = "tensor") -> None:
+        if self.superblock is not None and cols % self.superblock:
+            raise LowbitError(f"{name}: its input dimension {cols} is not a multiple of superblock={self.superblock}")
         if self.granularity == "group" and cols % self.group_size:
             divisors = [g for g in (32, 64, 128, 256) if cols % g == 0]
             raise LowbitError(
@@ -97,21 +136,29 @@ class QuantSpec:
         if self.dtype != "int":
             base = self.dtype.upper()
         else:
-            base = f"int{self.bits} {'sym' if self.symmetric else ('asym' if self.integer_zero else 'asym-fz')}"
+            zp = "asym-min" if self.scaled_zero else ("asym" if self.integer_zero else "asym-fz")
+            base = f"int{self.bits} {'sym' if self.symmetric else zp}"
         tail = "" if self.scale_dtype == "float16" else f" {self.scale_dtype} scales"
+        if self.superblock is not None:
+            tail = f" sb{self.superblock}x{self.scale_bits}b"
         if self.granularity == "group":
             return f"{base} g{self.group_size}{tail}"
         return f"{base} per-{self.granularity}{tail}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("scaled_zero", "superblock", "scale_bits"):  # written only when used (older readers)
+            if not d[k]:
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
         return cls(**{k: d[k] for k in FIELDS if k in d})
 
 
-FIELDS = ("bits", "dtype", "symmetric", "granularity", "group_size", "integer_zero", "scale_dtype")
+FIELDS = ("bits", "dtype", "symmetric", "granularity", "group_size", "integer_zero", "scale_dtype", "scaled_zero",
+          "superblock", "scale_bits")
 
 PRESETS: dict[str, QuantSpec] = {
     "W8": QuantSpec(bits=8, symmetric=True, granularity="channel"),

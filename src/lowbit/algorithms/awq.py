@@ -184,7 +184,7 @@ def _search_clip(W, X, spec, H, n_grid, max_shrink):
             sc = scale.T.unsqueeze(-1)  # [ng, rows, 1]
             q = Wt / sc
             if zero is not None:
-                zc = zero.T.unsqueeze(-1)
+                zc = (zero / scale if spec.scaled_zero else zero).T.unsqueeze(-1)  # as a zero point
                 q = q.add_(zc).round_().clamp_(spec.qmin, spec.qmax).sub_(zc)
             else:
                 q = q.round_().clamp_(spec.qmin, spec.qmax)

@@ -129,6 +129,8 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
     and products around it use all threads.
     """
     _check(W, H, spec, name)
+    if spec.superblock is not None and group_params is None:  # rounded whole rows: fixed up front
+        group_params = choose_qparams(W.detach().float(), spec)
     qparams_fn = _stored(qparams_fn or minmax_qparams)
     rows, cols = W.shape
     W0 = W.detach().float()
@@ -224,7 +226,10 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
                         s = scale_out[:, g].contiguous()
                         inv_s = 1.0 / s
                         z = zero_out[:, g].contiguous() if zero_out is not None else None
-                        zs = None if z is None else z * s
+                        if z is not None and spec.scaled_zero:  # w = q·s − zero
+                            z, zs = z * inv_s, z
+                        else:
+                            zs = None if z is None else z * s
                         cur_g = g
                     w, q, e = W1[i], CT[j], E1[i]
                     if not is_int:
@@ -249,6 +254,8 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
         QdT = table[CT.long()].mul_(sT)
     elif zero_out is None:
         QdT = CT * sT
+    elif spec.scaled_zero:
+        QdT = (CT * sT).sub_(zero_out.T[col_group])
     else:
         QdT = (CT - zero_out.T[col_group]).mul_(sT)
     Qd, C = QdT.T.contiguous(), CT.T.contiguous()

@@ -11,17 +11,17 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def inspect(
-        checkpoint: Path = typer.Argument(..., help="a lowbit checkpoint folder"),
+        checkpoint: Path = typer.Argument(..., help="a checkpoint lowbit reads (lowbit folder, .gguf file)"),
         as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
     ):
         """Show each quantized layer's spec, shape, bits per weight and size."""
         from lowbit.errors import LowbitError
         from lowbit.eval.size import disk_bytes
-        from lowbit.export import lowbit as lowbit_format
+        from lowbit.export import read
 
         if not checkpoint.exists():
             raise LowbitError(f"{checkpoint} does not exist")
-        qm = lowbit_format.read(checkpoint)  # the reader `lowbit eval` loads through
+        qm = read(checkpoint)  # by format: lowbit's own (what `lowbit eval` loads through), gguf, ...
         if as_json:
             typer.echo(json.dumps({**qm.meta, "layers": {
                 n: {"spec": qw.spec.to_dict(), "shape": list(qw.shape), "bits_per_weight": round(qw.bits_per_weight(), 4),

@@ -30,6 +30,9 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     x2 = as_2d(x).float()
     s = expand_params(scale.float(), x2.shape, spec, g_idx)
     if spec.dtype == "int":
+        if spec.scaled_zero:  # w = q·s − zero
+            q = (x2 + expand_params(zero.float(), x2.shape, spec, g_idx)) / s
+            return torch.round(q).clamp(spec.qmin, spec.qmax).to(_codes_dtype(spec))
         q = x2 / s
         if zero is not None:  # round(x/s + z): the same as round(x/s) + z for an integer zero point
             q = q + expand_params(zero.float(), x2.shape, spec, g_idx)
@@ -47,6 +50,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     s = expand_params(scale.float(), shape, spec, g_idx)
     if spec.dtype == "int":
         q = codes.float()
+        if spec.scaled_zero:  # q·s − zero, llama.cpp's order of operations (bit-exact against it)
+            return (q * s - expand_params(zero.float(), shape, spec, g_idx)).to(dtype)
         if zero is not None:
             q = q - expand_params(zero.float(), shape, spec, g_idx)
         return (q * s).to(dtype)

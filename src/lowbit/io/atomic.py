@@ -182,6 +182,31 @@ def atomic_file(path: str | Path):
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield the path of a temporary sibling of `path` for a writer that opens files by name; on
+    success the file is synced and renamed over `path`, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # a file for others to read, not mkstemp's 0600
+    try:
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)

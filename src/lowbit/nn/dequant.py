@@ -33,11 +33,14 @@ def dequant_packed(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Dense [N, K] weight from pack_bits storage.
 
-    mode: "int" (w = (u - offset - zero) * scale), "table" (w = table[u] * scale),
+    mode: "int" (w = (u - offset - zero) * scale), "int_scaled_zero" (w = u * scale - zero), "table" (w = table[u] * scale),
     "fp8_e4m3" / "fp8_e5m2" (u is the float8 bit pattern).
     """
     n = qweight.shape[0]
     codes = unpack_bits(qweight, bits, k, torch.int32)
+    if mode == "int_scaled_zero":  # w = u·scale − zero (llama.cpp's min form)
+        v = codes.float() * expand_cols(scale.float(), n, k, group_size, g_idx)
+        return (v - expand_cols(zero.float(), n, k, group_size, g_idx)).to(out_dtype)
     if mode == "int":
         v = codes.float()
         if zero is not None:

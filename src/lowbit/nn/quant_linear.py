@@ -87,7 +87,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", torch.zeros(pshape, dtype=sdt) if packed and asym else None)
         self.register_buffer("g_idx", torch.zeros(k, dtype=torch.int32) if g_idx else None)
         self.register_buffer("bias", torch.zeros(n) if bias else None)
-        self._mode = "int" if spec.dtype == "int" else ("table" if spec.is_codebook else spec.dtype)
+        self._mode = ("int_scaled_zero" if spec.scaled_zero else "int") if spec.dtype == "int" else (
+            "table" if spec.is_codebook else spec.dtype)
         self.register_buffer("table", codebook(spec.dtype) if spec.is_codebook else None, persistent=False)
         # the int4 kernel's bf16 [K/g, N, 2] scale-and-zero table; the int8 kernel's bf16 [N] scales
         self.register_buffer("sz", torch.zeros(k // self.kgroup, n, 2, dtype=BF16) if self.path == "int4" else None)
@@ -110,7 +111,12 @@ class QuantLinear(nn.Module):
         u = qw.codes.to(torch.int32) + m.offset  # unsigned codes
         if m.path == "int4":
             m.qweight = int4_layout.pack(u)
-            zf = None if qw.zero is None else (8 - qw.zero.float()) * qw.scale.float()
+            if qw.zero is None:
+                zf = None
+            elif qw.spec.scaled_zero:  # w = q·s − zero = (q − 8)·s + (8·s − zero)
+                zf = 8 * qw.scale.float() - qw.zero.float()
+            else:
+                zf = (8 - qw.zero.float()) * qw.scale.float()
             m.sz = int4_layout.scales_and_zeros(qw.scale, zf, m.kgroup, n, k)
         elif m.path == "int8":
             m.qweight = qw.codes.to(torch.int8).contiguous()
