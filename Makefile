@@ -16,7 +16,7 @@ venv: .venv/.installed
 	touch .venv/.installed
 
 demo: venv
-	.venv/bin/lowbit quantize default --method gptq --bits 4 --group-size 64 --sym -o out/smollm2-w4g64 --overwrite
+	.venv/bin/lowbit quantize default --method gptq --bits 4 --group-size 64 --sym --head-bits 8 -o out/smollm2-w4g64 --overwrite
 	.venv/bin/lowbit eval default out/smollm2-w4g64
 
 test: venv
