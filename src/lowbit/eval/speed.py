@@ -35,8 +35,13 @@ def warn_if_busy(threshold: float = 0.5) -> bool:
 @torch.no_grad()
 def decode_tokens_per_s(model, prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 2) -> float:
     """Greedy generate() of exactly `new_tokens` tokens after a short prompt, batch 1."""
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     model.generate(prompt_ids[:, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+    return _timed_generate(model, prompt_ids, new_tokens, repeats)
+
+
+def _timed_generate(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Best of `repeats` greedy generate() calls of exactly `new_tokens` tokens, in tokens/s."""
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -66,13 +71,7 @@ def compiled_decode_tokens_per_s(model, prompt_ids: torch.Tensor, new_tokens: in
 
     compiled_decode(model)
     try:
-        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        model.generate(prompt_ids, **kw)  # compiles for exactly these shapes
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model.generate(prompt_ids, **kw)
-            times.append(time.perf_counter() - t0)
-        return new_tokens / min(times)
+        _timed_generate(model, prompt_ids, new_tokens, 1)  # compiles for exactly these shapes
+        return _timed_generate(model, prompt_ids, new_tokens, repeats)
     finally:
         eager_decode(model)

@@ -140,29 +140,6 @@ def atomic_dir(target: str | Path):
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield the path of a temporary sibling of `path` for a writer that wants a file name; on
-    success the file is synced and renamed over `path`, on failure it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_file(path: str | Path):
     """Yield a binary file in a temporary sibling of `path`; on success it is flushed, synced and
     renamed over `path`, on failure it is removed."""
@@ -188,7 +165,8 @@ def atomic_path(path: str | Path):
     success the file is synced and renamed over `path`, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
