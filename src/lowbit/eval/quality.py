@@ -31,11 +31,6 @@ def logprob_stats(ref_lp: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor)
     return {"nll_ref": nll_ref, "nll": nll, "kl": kl, "top1": top1, "n": targets.numel()}
 
 
-def token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """logprob_stats from raw logits."""
-    return logprob_stats(F.log_softmax(ref_logits, dim=-1), F.log_softmax(logits, dim=-1), targets)
-
-
 @torch.no_grad()
 def quality_many(original, models: dict, windows: torch.Tensor, progress: bool = True,
                  labels: dict | None = None) -> tuple[dict, dict]:

@@ -94,15 +94,10 @@ def read_layer(tensors: dict, name: str, q: dict, path) -> QuantizedWeight:
 
 def read(path: str | Path) -> QuantizedModel:
     """Records of every AWQ GEMM Linear in the folder (any tool's), the other tensors as stored."""
-    config, q, tensors, tokenizer = hf.read_folder(path)
-    if q.get("quant_method") != FORMAT:
-        raise LowbitError(f"{path} is not an AWQ checkpoint (quant_method {q.get('quant_method')!r})")
+    config, q, tensors, tokenizer, names = hf.open_checkpoint(path, FORMAT, "qweight", "an AWQ")
     version = str(q.get("version", "gemm")).lower()
     if version != "gemm" or int(q.get("bits", 4)) != 4 or not q.get("zero_point", True):
         raise LowbitError(f"{path}: AWQ version {version!r}, {q.get('bits')} bits, zero_point "
                           f"{q.get('zero_point')}; lowbit reads 4-bit GEMM checkpoints with zero points")
-    names = hf.module_names(tensors, "qweight")
-    if not names:
-        raise LowbitError(f"{path}: no '*.qweight' tensors in an AWQ checkpoint")
     layers = {name: read_layer(tensors, name, q, path) for name in names}
     return QuantizedModel(config, layers, tensors, tokenizer, {"format": FORMAT, "source": str(path)})

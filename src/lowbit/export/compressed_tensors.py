@@ -159,11 +159,7 @@ def read_layer(tensors: dict, name: str, args: dict, path) -> QuantizedWeight:
 
 def read(path: str | Path) -> QuantizedModel:
     """Records of every pack-quantized Linear in the folder (any tool's), the other tensors as stored."""
-    config, q, tensors, tokenizer = hf.read_folder(path)
-    if q.get("quant_method") != FORMAT:
-        raise LowbitError(f"{path} is not a compressed-tensors checkpoint (quant_method {q.get('quant_method')!r})")
-    names = hf.module_names(tensors, "weight_packed")
-    if not names:
-        raise LowbitError(f"{path}: no '*.weight_packed' tensors; lowbit reads the {PACKED!r} format")
+    config, q, tensors, tokenizer, names = hf.open_checkpoint(path, FORMAT, "weight_packed",
+                                                              f"a compressed-tensors ({PACKED})")
     layers = {name: read_layer(tensors, name, scheme_for(name, q, path), path) for name in names}
     return QuantizedModel(config, layers, tensors, tokenizer, {"format": FORMAT, "source": str(path)})

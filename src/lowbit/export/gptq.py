@@ -204,11 +204,6 @@ def read_layer(tensors: dict, name: str, q: dict, path) -> QuantizedWeight:
 
 def read(path: str | Path) -> QuantizedModel:
     """Records of every GPTQ Linear in the folder (any tool's), the other tensors as stored."""
-    config, q, tensors, tokenizer = hf.read_folder(path)
-    if q.get("quant_method") != FORMAT:
-        raise LowbitError(f"{path} is not a GPTQ checkpoint (quant_method {q.get('quant_method')!r})")
-    names = hf.module_names(tensors, "qweight")
-    if not names:
-        raise LowbitError(f"{path}: no '*.qweight' tensors in a GPTQ checkpoint")
+    config, q, tensors, tokenizer, names = hf.open_checkpoint(path, FORMAT, "qweight", "a GPTQ")
     layers = {name: read_layer(tensors, name, q, path) for name in names}
     return QuantizedModel(config, layers, tensors, tokenizer, {"format": FORMAT, "source": str(path)})

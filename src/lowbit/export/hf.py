@@ -101,6 +101,19 @@ def read_folder(path: str | Path) -> tuple[object, dict, dict[str, torch.Tensor]
     return config, q, tensors, tokenizer
 
 
+def open_checkpoint(path: str | Path, quant_method: str, suffix: str, what: str):
+    """read_folder for a reader of one format: (config, quantization_config, tensors, tokenizer,
+    names of the modules that own `<name>.<suffix>`), refusing another quant_method or a folder
+    without such tensors, naming `what` the format is."""
+    config, q, tensors, tokenizer = read_folder(path)
+    if q.get("quant_method") != quant_method:
+        raise LowbitError(f"{path} is not {what} checkpoint (quant_method {q.get('quant_method')!r})")
+    names = module_names(tensors, suffix)
+    if not names:
+        raise LowbitError(f"{path}: no '*.{suffix}' tensors in {what} checkpoint")
+    return config, q, tensors, tokenizer, names
+
+
 def module_names(tensors: dict, suffix: str) -> list[str]:
     """Names of the modules that own a tensor `<name>.<suffix>`."""
     tail = "." + suffix
