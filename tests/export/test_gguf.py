@@ -193,7 +193,7 @@ def test_scaled_zero_record_kernels_match_the_record():
 
     for name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
         qw = quantize(torch.randn(64, 512) * 0.05, LAYOUTS[name].spec)
-        lin = QuantLinear.from_quantized(qw, compile_dequant=False)
+        lin = QuantLinear.from_quantized(qw)
         dense = lin.dense_weight(torch.float32)
         assert torch.allclose(dense, qw.dequantize(), atol=1e-2 * float(qw.dequantize().abs().max())), name
         x = torch.randn(3, 512)

@@ -1,6 +1,6 @@
-"""Modules that run quantized weights: QuantLinear (int4/int8 CPU kernels, packed dequant fallback)."""
+"""Modules that run quantized weights: QuantLinear (lowbit's compiled CPU kernels, pure-torch fallback)."""
 
-from lowbit.nn.quant_linear import QuantLinear, choose_path
+from lowbit.nn.quant_linear import QuantLinear
 from lowbit.nn.replace import replace_linear
 
-__all__ = ["QuantLinear", "choose_path", "replace_linear"]
+__all__ = ["QuantLinear", "replace_linear"]

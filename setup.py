@@ -1,0 +1,15 @@
+"""Builds lowbit's CPU kernels (csrc/) as the extension lowbit._cpu; metadata lives in pyproject.toml.
+
+Needs torch at build time: install with `pip install --no-build-isolation -e .` (the Makefile does).
+"""
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi", "-mavx512bf16", "-mfma", "-mf16c"]
+
+setup(
+    ext_modules=[CppExtension("lowbit._cpu", ["csrc/qmatmul.cpp"],
+                              extra_compile_args=["-O3", "-fopenmp", *ISA], extra_link_args=["-fopenmp"])],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,59 @@
+"""lowbit's compiled CPU kernels (csrc/qmatmul.cpp, built by the install step as `lowbit._cpu`).
+
+`load()` returns the extension module when it is built and this CPU has the instructions it uses
+(AVX-512 BW/VBMI/BF16); otherwise None, and QuantLinear runs its pure-torch path. Setting
+LOWBIT_KERNELS=torch forces the pure-torch path (to compare the two, or to rule the kernels out).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from lowbit.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+# the mode numbers of csrc/qmatmul.cpp
+MODE_OFFSET, MODE_ZERO, MODE_SCALED_ZERO, MODE_TABLE = 0, 1, 2, 3
+
+
+@functools.cache
+def _extension():
+    try:
+        from lowbit import _cpu
+    except ImportError as e:
+        log.warning("lowbit's CPU kernels are not built (%s): quantized layers use the slower pure-torch path; "
+                    "reinstall with `pip install --no-build-isolation -e .` (see README)", e)
+        return None
+    if not _cpu.cpu_supported():
+        log.warning("this CPU lacks AVX-512 BW/VBMI/BF16: quantized layers use the slower pure-torch path")
+        return None
+    return _cpu
+
+
+def load():
+    """The kernel module, or None when unavailable or disabled by LOWBIT_KERNELS=torch."""
+    if os.environ.get("LOWBIT_KERNELS", "").lower() == "torch":
+        return None
+    return _extension()
+
+
+def mode(spec: QuantSpec) -> int | None:
+    """The kernel's dequantization mode for a spec, or None when the kernels do not cover it."""
+    if spec.is_codebook:
+        return MODE_TABLE if spec.bits <= 6 else None
+    if spec.dtype != "int":
+        return None  # fp8: the pure-torch path
+    if spec.symmetric:
+        return MODE_OFFSET
+    return MODE_SCALED_ZERO if spec.scaled_zero else MODE_ZERO
+
+
+def covers(spec: QuantSpec, in_features: int, group_size: int | None) -> bool:
+    """Whether the compiled kernels run this layout: 1..6 or 8 bits, K and the group multiples of 32."""
+    if mode(spec) is None or spec.bits == 7:
+        return False
+    group = group_size or in_features
+    return in_features % 32 == 0 and group % 32 == 0 and in_features % group == 0
