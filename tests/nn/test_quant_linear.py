@@ -136,8 +136,8 @@ def test_compiled_kernels_agree_with_pure_torch(built, key):
         ref = x.bfloat16().float() @ exact.T + b  # bf16 activations, exact weights, fp32 sums
         y, yt = m(x), t(x)
         scale = ref.abs().max()
-        if rows <= 8:  # the GEMV: exact weights, so only fp32 summation order differs
-            tol = 1e-5 if qw.spec.bits < 8 and not qw.spec.is_codebook else 5e-3
+        if rows <= 8:  # the GEMV: exact weights; fp32 sums (of 128 + code, the 128 taken out per group)
+            tol = 1e-4 if qw.spec.bits < 8 and not qw.spec.is_codebook else 5e-3
             assert (y - ref).abs().max() <= tol * scale, (key, rows)
         assert (y - yt).abs().max() <= 1.5e-2 * scale, (key, rows)
 
@@ -224,3 +224,13 @@ def test_dtype_casts_leave_quantization_parameters_alone(built):
                 assert t.dtype == before[n].dtype and torch.equal(t, before[n]), n
     finally:
         m.float()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
+def test_kernel_layouts_round_trip(bits):
+    from lowbit.nn import cpu_layout
+
+    u = torch.randint(0, 2**bits, (5, 192), generator=torch.Generator().manual_seed(bits))
+    packed = cpu_layout.pack(u, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 192 * bits // 8)
+    assert torch.equal(cpu_layout.unpack(packed, bits, 192).to(torch.int64), u)

@@ -43,7 +43,7 @@ def load():
 def mode(spec: QuantSpec) -> int | None:
     """The kernel's dequantization mode for a spec, or None when the kernels do not cover it."""
     if spec.is_codebook:
-        return MODE_TABLE if spec.bits <= 6 else None
+        return MODE_TABLE if spec.bits == 4 else None
     if spec.dtype != "int":
         return None  # fp8: the pure-torch path
     if spec.symmetric:
@@ -52,8 +52,8 @@ def mode(spec: QuantSpec) -> int | None:
 
 
 def covers(spec: QuantSpec, in_features: int, group_size: int | None) -> bool:
-    """Whether the compiled kernels run this layout: 1..6 or 8 bits, K and the group multiples of 32."""
+    """Whether the compiled kernels run this layout: 1..6 or 8 bits, K a multiple of 64, groups of 32."""
     if mode(spec) is None or spec.bits == 7:
         return False
     group = group_size or in_features
-    return in_features % 32 == 0 and group % 32 == 0 and in_features % group == 0
+    return in_features % 64 == 0 and group % 32 == 0 and in_features % group == 0

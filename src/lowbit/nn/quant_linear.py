@@ -1,7 +1,8 @@
 """QuantLinear: a drop-in nn.Linear replacement holding packed codes and running real kernels.
 
-One layout for every spec: unsigned codes packed along each row into int32 words
-(lowbit.core.packing, exactly as lowbit's checkpoints store them), scale / zero per group in the
+One copy of the weight for every spec: unsigned codes packed along each row
+(the compiled kernels' row layouts, nn/cpu_layout.py; lowbit.core.packing's bit stream for the
+pure-torch path), scale / zero per group in the
 spec's scale dtype (float16 by default), a value table for codebooks (NF4, FP4). Act-order layers
 (`g_idx`) whose groups are each `group_size` columns are stored column-permuted so groups are
 contiguous; the input is gathered by `perm` (one index_select of the activations per call).
@@ -28,7 +29,7 @@ from lowbit.core.formats import codebook
 from lowbit.core.packing import pack_bits, packed_len
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
-from lowbit.nn import cpu_kernels, dequant
+from lowbit.nn import cpu_kernels, cpu_layout, dequant
 from lowbit.spec import QuantSpec
 
 BF16 = torch.bfloat16
@@ -75,7 +76,10 @@ class QuantLinear(nn.Module):
         n, k = out_features, in_features
         pshape = _param_shape(spec, n, k)
         asym = spec.dtype == "int" and not spec.symmetric
-        self.register_buffer("qweight", torch.zeros(n, packed_len(k, spec.bits), dtype=torch.int32))
+        if self.kernel == "cpu":  # the kernels' row layout (nn/cpu_layout.py), bits/8 bytes per weight
+            self.register_buffer("qweight", torch.zeros(n, k * spec.bits // 8, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(n, packed_len(k, spec.bits), dtype=torch.int32))
         self.register_buffer("scale", torch.ones(pshape, dtype=spec.torch_scale_dtype))
         self.register_buffer("zero", torch.zeros(pshape, dtype=spec.torch_scale_dtype) if asym else None)
         self.register_buffer("perm", torch.arange(k, dtype=torch.int32) if perm else None)
@@ -108,7 +112,7 @@ class QuantLinear(nn.Module):
             m.perm = perm.to(torch.int32)
         if irregular:
             m.g_idx = qw.g_idx.detach().to(torch.int32).clone()
-        m.qweight = pack_bits(u, qw.spec.bits, torch.int32)
+        m.qweight = cpu_layout.pack(u, qw.spec.bits) if m.kernel == "cpu" else pack_bits(u, qw.spec.bits, torch.int32)
         m.scale = qw.scale.detach().clone()
         if asym:
             m.zero = qw.zero.detach().clone()
@@ -131,12 +135,15 @@ class QuantLinear(nn.Module):
     def _kernel_args(self):
         return (self.qweight, self.scale, self.zero, self.table)
 
+    def _layout_args(self):
+        return (self.spec.bits, cpu_layout.layout_for(self.spec.bits), self.group_size or self.in_features,
+                cpu_kernels.mode(self.spec), self.offset)
+
     def _stored_dense(self, dtype: torch.dtype = BF16) -> torch.Tensor:
         """The dequantized weight [out, in] in storage column order (permuted for act-order)."""
         if self.kernel == "cpu":
-            w = cpu_kernels.load().dequant(*self._kernel_args(), self.spec.bits, self.in_features,
-                                           self.group_size or self.in_features, cpu_kernels.mode(self.spec),
-                                           self.offset)
+            bits, layout, group, mode, offset = self._layout_args()
+            w = cpu_kernels.load().dequant(*self._kernel_args(), bits, layout, self.in_features, group, mode, offset)
             return w if dtype == BF16 else w.to(dtype)
         return dequant.dequant_packed(self.qweight, self.scale, self.zero, self.table, self.spec.bits,
                                       self.in_features, self.group_size, self.g_idx, self._mode, self.offset, dtype)
@@ -153,9 +160,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "cpu" and x2.shape[0] <= GEMV_MAX_ROWS:
-            y = cpu_kernels.load().qmatmul(x2, *self._kernel_args(), self.perm, self.bias, self.spec.bits,
-                                           self.group_size or self.in_features, cpu_kernels.mode(self.spec),
-                                           self.offset)
+            y = cpu_kernels.load().qmatmul(x2, *self._kernel_args(), self.perm, self.bias, *self._layout_args())
         else:
             xs = x2 if self.perm is None else x2.index_select(1, self.perm)
             y = torch.mm(xs.to(BF16), self._stored_dense(BF16).t()).to(x.dtype)
