@@ -34,9 +34,15 @@ def _extension():
 
 
 def load():
-    """The kernel module, or None when unavailable or disabled by LOWBIT_KERNELS=torch."""
+    """The kernel module, or None when unavailable or disabled by LOWBIT_KERNELS=torch (asked when a
+    layer is built; a layer built for the kernels calls `ext()`)."""
     if os.environ.get("LOWBIT_KERNELS", "").lower() == "torch":
         return None
+    return _extension()
+
+
+def ext():
+    """The kernel module for a layer that was built to use it (no environment lookup per call)."""
     return _extension()
 
 

@@ -73,6 +73,7 @@ class QuantLinear(nn.Module):
             raise LowbitError(f"{name}: the compiled CPU kernels do not run {spec.describe()} at in_features="
                               f"{in_features} on this machine")
         self.kernel = kernel or auto
+        self._layout = None  # the kernels' (bits, layout, group, mode, offset), made on first use
         n, k = out_features, in_features
         pshape = _param_shape(spec, n, k)
         asym = spec.dtype == "int" and not spec.symmetric
@@ -136,14 +137,16 @@ class QuantLinear(nn.Module):
         return (self.qweight, self.scale, self.zero, self.table)
 
     def _layout_args(self):
-        return (self.spec.bits, cpu_layout.layout_for(self.spec.bits), self.group_size or self.in_features,
-                cpu_kernels.mode(self.spec), self.offset)
+        if self._layout is None:
+            self._layout = (self.spec.bits, cpu_layout.layout_for(self.spec.bits), self.group_size or self.in_features,
+                            cpu_kernels.mode(self.spec), self.offset)
+        return self._layout
 
     def _stored_dense(self, dtype: torch.dtype = BF16) -> torch.Tensor:
         """The dequantized weight [out, in] in storage column order (permuted for act-order)."""
         if self.kernel == "cpu":
             bits, layout, group, mode, offset = self._layout_args()
-            w = cpu_kernels.load().dequant(*self._kernel_args(), bits, layout, self.in_features, group, mode, offset)
+            w = cpu_kernels.ext().dequant(*self._kernel_args(), bits, layout, self.in_features, group, mode, offset)
             return w if dtype == BF16 else w.to(dtype)
         return dequant.dequant_packed(self.qweight, self.scale, self.zero, self.table, self.spec.bits,
                                       self.in_features, self.group_size, self.g_idx, self._mode, self.offset, dtype)
@@ -160,7 +163,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "cpu" and x2.shape[0] <= GEMV_MAX_ROWS:
-            y = cpu_kernels.load().qmatmul(x2, *self._kernel_args(), self.perm, self.bias, *self._layout_args())
+            y = cpu_kernels.ext().qmatmul(x2, *self._kernel_args(), self.perm, self.bias, *self._layout_args())
         else:
             xs = x2 if self.perm is None else x2.index_select(1, self.perm)
             y = torch.mm(xs.to(BF16), self._stored_dense(BF16).t()).to(x.dtype)

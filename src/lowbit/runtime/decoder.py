@@ -1,0 +1,185 @@
+"""lowbit's batch-1 runtime for Llama-family decoders: greedy generation without transformers' per-token
+machinery, over the model's own modules (QuantLinear kernels or plain Linears).
+
+Per token: one fused q/k/v GEMV and one fused gate/up GEMV per block (the fused layers' buffers are
+the originals' storage, viewed — no second copy), RoPE cos/sin computed once per position by the
+model's own rotary module, a preallocated KV cache, and scaled_dot_product_attention over it. Prefill
+runs the same code over the whole prompt (causal attention; QuantLinear takes its dequantize + bf16
+GEMM path for many rows). Output equals the Hugging Face forward of the same model up to float
+summation order (tests/runtime/test_decoder.py).
+
+Supported: model types whose attention is plain RoPE + GQA with RMSNorm (llama, mistral, qwen2);
+`supports(model)` says whether a model qualifies, and callers use `generate()` otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.nn import QuantLinear
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def supports(model) -> bool:
+    """Llama-family attention (RoPE + GQA, no per-head q/k norms) on a batch-1 causal LM."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in MODEL_TYPES:
+        return False
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return bool(layers) and not hasattr(layers[0].self_attn, "q_norm") and hasattr(model.model, "rotary_emb")
+
+
+def _fuse(mods: list[nn.Module]) -> nn.Module | None:
+    """One QuantLinear whose rows are the given layers' rows; the originals are re-pointed at views of
+    the fused buffers so the weights are held once. None when the layers cannot share a kernel."""
+    if not all(isinstance(m, QuantLinear) for m in mods):
+        return None
+    first = mods[0]
+    same = all(m.spec == first.spec and m.kernel == first.kernel and m.in_features == first.in_features
+               and m.g_idx is None and (m.perm is None) == (first.perm is None)
+               and (m.perm is None or torch.equal(m.perm, first.perm))
+               and (m.bias is None) == (first.bias is None) for m in mods)
+    if not same or first.g_idx is not None:
+        return None
+    n = sum(m.out_features for m in mods)
+    fused = QuantLinear(first.in_features, n, first.spec, bias=first.bias is not None, perm=first.perm is not None,
+                        kernel=first.kernel, name="+".join(m.name for m in mods))
+    for buf in ("qweight", "scale", "zero", "bias"):
+        parts = [getattr(m, buf) for m in mods]
+        if parts[0] is None:
+            continue
+        if parts[0].shape[0] == 1 and buf in ("scale", "zero"):  # per-tensor: one row each
+            if not all(torch.equal(p, parts[0]) for p in parts):
+                return None
+            setattr(fused, buf, parts[0])
+            continue
+        whole = torch.cat(parts, dim=0)
+        setattr(fused, buf, whole)
+        row = 0
+        for m in mods:
+            setattr(m, buf, whole[row:row + m.out_features])
+            row += m.out_features
+    if first.perm is not None:
+        fused.perm = first.perm
+    return fused
+
+
+class _Block:
+    def __init__(self, layer, cfg):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act = mlp.act_fn
+
+
+def _rms(norm, x):
+    var = x.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (x * torch.rsqrt(var + norm.variance_epsilon))
+
+
+def _rope(x, cos, sin):  # x [T, heads, D]; cos/sin [T, 1, D]
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class Decoder:
+    """Greedy batch-1 generation for a Llama-family model (see module docstring)."""
+
+    def __init__(self, model, max_len: int = 2048):
+        cfg = model.config
+        self.model, self.cfg = model, cfg
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        inner = model.model
+        self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
+        self.blocks = [_Block(layer, cfg) for layer in inner.layers]
+        self.dtype = self.embed.weight.dtype
+        self.max_len = 0
+        self.rotary = inner.rotary_emb
+        self.scale = self.head_dim ** -0.5
+        self._grow(max_len)
+
+    def _grow(self, max_len: int) -> None:
+        if max_len <= self.max_len:
+            return
+        self.max_len = max_len
+        pos = torch.arange(max_len).unsqueeze(0)
+        probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
+        cos, sin = self.rotary(probe, pos)  # once per position
+        self.cos, self.sin = cos[0].unsqueeze(1).to(self.dtype), sin[0].unsqueeze(1).to(self.dtype)
+        shape = (len(self.blocks), self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits of the last position for token ids [T] placed at positions start..start+T-1."""
+        t = ids.shape[0]
+        end = start + t
+        if t > 1 and start:
+            raise ValueError("prefill runs from position 0; decode one token at a time after it")
+        if end > self.max_len:
+            raise ValueError(f"context of {end} tokens exceeds the decoder's {self.max_len}")
+        h = self.embed(ids)  # [T, hidden]
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        hq, hk, d = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
+        for i, b in enumerate(self.blocks):
+            x = _rms(b.ln1, h)
+            if b.qkv is not None:
+                qkv = b.qkv(x)
+                q, k, v = qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
+            else:
+                q, k, v = b.q(x), b.k(x), b.v(x)
+            q = _rope(q.reshape(t, self.heads, d), cos, sin)
+            k = _rope(k.reshape(t, self.kv_heads, d), cos, sin)
+            self.k_cache[i, :, start:end] = k.transpose(0, 1)
+            self.v_cache[i, :, start:end] = v.reshape(t, self.kv_heads, d).transpose(0, 1)
+            if t == 1:  # one query: grouped heads as rows of one matmul per KV head
+                qg = q.reshape(self.kv_heads, self.heads // self.kv_heads, d)
+                att = torch.softmax(torch.bmm(qg, self.k_cache[i, :, :end].transpose(1, 2)) * self.scale, dim=-1)
+                a = torch.bmm(att, self.v_cache[i, :, :end]).reshape(1, hq)
+            else:
+                a = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), self.k_cache[i:i + 1, :, :end],
+                                                   self.v_cache[i:i + 1, :, :end], is_causal=True, enable_gqa=True)
+                a = a[0].transpose(0, 1).reshape(t, hq)
+            h = h + b.o(a)
+            x = _rms(b.ln2, h)
+            if b.gate_up is not None:
+                gu = b.gate_up(x)
+                g, u = gu[:, :b.gate.out_features], gu[:, b.gate.out_features:]
+            else:
+                g, u = b.gate(x), b.up(x)
+            h = h + b.down(b.act(g) * u)
+        return self.head(_rms(self.norm, h[-1:]))[0]
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos: set[int] | None = None,
+                 on_token: Callable[[int], None] | None = None) -> dict:
+        """Greedy decode after the prompt `ids` ([T] or [1, T]); returns {"tokens", "prefill_s", "decode_s"}."""
+        ids = ids.reshape(-1)
+        self._grow(ids.numel() + max_new_tokens)
+        t0 = time.perf_counter()
+        logits = self.forward(ids, 0)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        pos = ids.numel()
+        for _ in range(max_new_tokens):
+            tok = int(torch.argmax(logits))
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if (eos and tok in eos) or len(out) == max_new_tokens:
+                break
+            logits = self.forward(torch.tensor([tok]), pos)
+            pos += 1
+        t2 = time.perf_counter()
+        return {"tokens": out, "prefill_s": t1 - t0, "decode_s": t2 - t1}
