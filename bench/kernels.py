@@ -145,12 +145,31 @@ print(json.dumps({"imports": imports, "loaded": loaded, "peak_forward": hwm(), "
 """
 
 
-def memory_of(path: Path) -> dict:
-    res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path)], capture_output=True, text=True)
+TOKENIZER_CHILD = r"""
+import json, sys, torch
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"): return int(line.split()[1]) * 1024
+import transformers, lowbit, lowbit.models
+from lowbit.models.loader import default_model_dir
+a = rss()
+tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())
+print(json.dumps({"tokenizer": rss() - a}))
+"""
+
+
+def _child(code: str, *args) -> dict:
+    res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
     if res.returncode:
-        sys.exit(f"memory child failed for {path}: {res.stderr[-2000:]}")
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+        sys.exit(f"memory child failed ({args}): {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def memory_of(path: Path) -> dict:
+    r = _child(MEMORY_CHILD, path)
+    r["tokenizer"] = _child(TOKENIZER_CHILD)["tokenizer"]  # the same tokenizer for every checkpoint
     r["load_over_model"] = (r["loaded"] - r["imports"]) / r["model_bytes"]
+    r["load_without_tokenizer_over_model"] = (r["loaded"] - r["imports"] - r["tokenizer"]) / r["model_bytes"]
     r["forward_extra_mib"] = (r["peak_forward"] - r["loaded"]) / 2**20
     return r
 
@@ -267,7 +286,8 @@ def main():
         print(f"{k:45s} {v:5.2f}")
     for n, r in memory.items():
         print(f"{n:10s} RSS load-imports {(r['loaded'] - r['imports']) / 2**20:6.0f} MiB = {r['load_over_model']:.2f} x "
-              f"model bytes ({r['model_bytes'] / 2**20:.0f} MiB); 512-token forward peak +{r['forward_extra_mib']:.0f} MiB")
+              f"model bytes ({r['model_bytes'] / 2**20:.0f} MiB), {r['load_without_tokenizer_over_model']:.2f} x without "
+              f"the tokenizer ({r['tokenizer'] / 2**20:.0f} MiB); 512-token forward peak +{r['forward_extra_mib']:.0f} MiB")
     for n, r in quant.items():
         print(f"{n}: peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {r['seconds']:.0f} s")
 

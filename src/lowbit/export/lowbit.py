@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lowbit.core.packing import pack_bits, unpack_bits
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.export.model import QuantizedModel
 from lowbit.io.atomic import atomic_dir, check_output_dir
+from lowbit.io.tensor_file import SafetensorsReader
 from lowbit.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,32 @@ def read_layer(tensors: dict, name: str, spec: QuantSpec, shape: tuple[int, int]
     g_idx = tensors.get(f"{name}.g_idx")
     return QuantizedWeight(codes, scale, tensors.get(f"{name}.zero"), spec, None if g_idx is None else g_idx.long(),
                            error)
+
+
+class LazyLayers(Mapping):
+    """{name: record} read from the checkpoint on access, one layer at a time: building kernels from
+    it never holds more than one layer's unpacked codes (RSS after loading stays near the model's
+    own bytes). Records are not cached; read each one once where that matters."""
+
+    def __init__(self, weights: Path, infos: dict):
+        self.file = SafetensorsReader(weights)
+        self.infos = infos
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        info = self.infos[name]
+        spec_d = dict(info["spec"])
+        keys = [name + s for s in (".codes", ".scale", ".zero", ".g_idx")]
+        have = self.file.keys()
+        tensors = {k: self.file.get_tensor(k) for k in keys if k in have}
+        if "scale_dtype" not in spec_d and f"{name}.scale" in tensors:  # format 1
+            spec_d["scale_dtype"] = str(tensors[f"{name}.scale"].dtype).removeprefix("torch.")
+        return read_layer(tensors, name, QuantSpec.from_dict(spec_d), tuple(info["shape"]), info.get("rel_error"))
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
 
 
 def _quantization_config() -> dict:
@@ -145,16 +173,10 @@ def read(path: str | Path) -> QuantizedModel:
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # lowbit's own marker; the model itself is plain
     arch_for(config)
-    tensors = load_file(str(weights))
-    layers = {}
-    for name, info in manifest["layers"].items():
-        spec_d = dict(info["spec"])
-        if "scale_dtype" not in spec_d and f"{name}.scale" in tensors:  # format 1
-            spec_d["scale_dtype"] = str(tensors[f"{name}.scale"].dtype).removeprefix("torch.")
-        layers[name] = read_layer(tensors, name, QuantSpec.from_dict(spec_d), tuple(info["shape"]),
-                                  info.get("rel_error"))
-        for suffix in (".codes", ".scale", ".zero", ".g_idx"):
-            tensors.pop(name + suffix, None)
+    layers = LazyLayers(weights, manifest["layers"])
+    f = layers.file
+    record_keys = {name + s for name in manifest["layers"] for s in (".codes", ".scale", ".zero", ".g_idx")}
+    tensors = {k: f.get_tensor(k) for k in f.keys() if k not in record_keys}
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     meta = {k: v for k, v in manifest.items() if k != "layers"}
     return QuantizedModel(config, layers, tensors, tokenizer, meta)

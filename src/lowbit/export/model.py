@@ -67,7 +67,19 @@ class QuantizedModel:
         if missing:
             raise LowbitError(f"the checkpoint lacks tensors for {missing[:5]}")
         model.eval()
+        _release_freed_heap()
         return model
+
+
+def _release_freed_heap() -> None:
+    """Hand the per-layer temporaries of building the kernels back to the OS (glibc keeps freed
+    small blocks in its heap otherwise, and RSS after loading would carry them)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _rebuild_buffers(model) -> None:

@@ -40,3 +40,33 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
             t = tensors[name].detach()
             if t.numel():
                 f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+class SafetensorsReader:
+    """Reads single tensors of a safetensors file with plain reads into fresh memory: no file
+    mapping, so a loaded model is held once (a mapped file's touched pages would stay resident
+    beside the copies made from them). The header was validated by `models.validate` first."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self.base = 8 + n
+        header.pop("__metadata__", None)
+        self.header = header
+        self.dtypes = {v: k for k, v in DTYPES.items()}
+
+    def keys(self):
+        return self.header.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        with open(self.path, "rb") as f:
+            f.seek(self.base + start)
+            f.readinto(buf)
+        flat = torch.frombuffer(buf, dtype=self.dtypes[info["dtype"]]) if buf else torch.empty(
+            0, dtype=self.dtypes[info["dtype"]])
+        return flat.reshape(info["shape"])

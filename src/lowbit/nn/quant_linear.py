@@ -107,7 +107,7 @@ class QuantLinear(nn.Module):
             raise LowbitError(f"{name}: asymmetric spec {qw.spec.describe()} needs a zero point")
         if tuple(qw.codes.shape) != (n, k):
             raise LowbitError(f"{name}: codes have shape {tuple(qw.codes.shape)}, expected {(n, k)}")
-        u = qw.codes.to(torch.int32) + m.offset  # unsigned codes
+        u = (qw.codes.to(torch.int16) + m.offset).to(torch.uint8)  # unsigned codes, one byte each
         if perm is not None:
             u = u[:, perm]
             m.perm = perm.to(torch.int32)
