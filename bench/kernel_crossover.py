@@ -1,4 +1,4 @@
-"""Where does dequantize + bf16 GEMM overtake the int4/int8 kernels? (sets KERNEL_MAX_ROWS)
+"""Where does dequantize + bf16 GEMM overtake lowbit's GEMV kernels? (sets nn.quant_linear.GEMV_MAX_ROWS)
 
 Run: .venv/bin/python bench/kernel_crossover.py   -> bench/results/kernel_crossover.json
 """
@@ -11,11 +11,12 @@ import torch
 
 from lowbit import QuantSpec
 from lowbit.core import quantize
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantLinear, quant_linear
 
 SHAPES = [(1536, 576), (576, 1536), (192, 576), (49152, 576)]
-ROWS = [1, 4, 8, 16, 24, 32, 48, 64, 128, 256]
-SPECS = {"int4": QuantSpec(4, "int", True, "group", 64), "int8": QuantSpec(8, "int", True, "channel")}
+ROWS = [1, 2, 4, 8, 12, 16, 32, 64, 256]
+SPECS = {"int4": QuantSpec(4, "int", True, "group", 64), "int3": QuantSpec(3, "int", True, "group", 64),
+         "int8": QuantSpec(8, "int", True, "channel")}
 
 
 def timeit(f, reps=20):
@@ -47,9 +48,9 @@ def main():
                         continue
                     x = torch.randn(rows, k)
                     xb = x.bfloat16()
-                    m.kernel_max_rows = 10**9
+                    quant_linear.GEMV_MAX_ROWS = 10**9
                     kern = timeit(lambda: m(xb))
-                    m.kernel_max_rows = 0
+                    quant_linear.GEMV_MAX_ROWS = 0
                     deq = timeit(lambda: m(xb))
                     row = {"shape": [n, k], "kind": kind, "rows": rows, "kernel_us": kern, "dequant_bf16_us": deq,
                            "fp32_dense_us": timeit(lambda: x @ w.T), "bf16_dense_us": timeit(lambda: xb @ wb.T)}

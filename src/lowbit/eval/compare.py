@@ -7,19 +7,19 @@ from pathlib import Path
 from lowbit.calibration import eval_windows, load_text
 from lowbit.eval.quality import quality_pair
 from lowbit.eval.size import bits_per_weight, disk_bytes, memory_bytes
-from lowbit.eval.speed import (compiled_decode_tokens_per_s, decode_tokens_per_s, prefill_tokens_per_s,
+from lowbit.eval.speed import (decode_tokens_per_s, prefill_tokens_per_s, runtime_decode_tokens_per_s,
                                warn_if_busy)
 
 KEYS = ("perplexity", "kl", "top1_agreement", "bits_per_weight", "size_bytes", "memory_bytes",
-        "decode_tokens_per_s", "compiled_decode_tokens_per_s", "prefill_tokens_per_s")
+        "decode_tokens_per_s", "runtime_decode_tokens_per_s", "prefill_tokens_per_s")
 
 
 def compare_models(original, quantized, tokenizer, *, original_path=None, quantized_path=None,
                    text: str = "pydoc", seq_len: int = 512, max_windows: int = 16, speed: bool = False,
                    decode_tokens: int = 32, prefill_len: int = 256, progress: bool = True) -> dict:
     """{"original": {...}, "quantized": {...}} with the KEYS above (speed keys None unless speed=True;
-    decode_tokens_per_s is plain transformers generate(), compiled_decode_tokens_per_s lowbit's
-    runtime (static cache + compiled step), for both models;
+    decode_tokens_per_s is plain transformers generate(), runtime_decode_tokens_per_s lowbit's own
+    runtime (lowbit.runtime.decoder; None for architectures it does not run), for both models;
     wall-clock figures, meaningful on an idle machine only, so a busy one gets a warning)."""
     split = load_text(text)
     windows = eval_windows(tokenizer, split.evaluation, seq_len, max_windows)
@@ -36,11 +36,11 @@ def compare_models(original, quantized, tokenizer, *, original_path=None, quanti
             prompt = windows[:1, :16]
             prefill = windows[:1, :prefill_len]
             metrics["decode_tokens_per_s"] = decode_tokens_per_s(model, prompt, decode_tokens)
-            metrics["compiled_decode_tokens_per_s"] = compiled_decode_tokens_per_s(model, prompt, decode_tokens)
+            metrics["runtime_decode_tokens_per_s"] = runtime_decode_tokens_per_s(model, prompt, decode_tokens)
             metrics["prefill_tokens_per_s"] = prefill_tokens_per_s(model, prefill)
         else:
             metrics["decode_tokens_per_s"] = metrics["prefill_tokens_per_s"] = None
-            metrics["compiled_decode_tokens_per_s"] = None
+            metrics["runtime_decode_tokens_per_s"] = None
     return {"original": orig, "quantized": quant,
             "text": {"source": text, "part": "held-out", "windows": int(windows.shape[0]), "seq_len": int(seq_len)}}
 

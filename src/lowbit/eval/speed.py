@@ -62,16 +62,16 @@ def prefill_tokens_per_s(model, ids: torch.Tensor, repeats: int = 3) -> float:
     return ids.shape[1] / statistics.median(times)
 
 
-@torch.no_grad()
-def compiled_decode_tokens_per_s(model, prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 2) -> float:
-    """Decode tokens/s with lowbit's runtime: a static KV cache and a compiled decode step
-    (`lowbit.runtime.compiled_decode`). The first call of the same shape compiles; the model's
-    generation settings are restored afterwards."""
-    from lowbit.runtime import compiled_decode, eager_decode
+def runtime_decode_tokens_per_s(model, prompt_ids: torch.Tensor, new_tokens: int = 32,
+                                repeats: int = 2) -> float | None:
+    """Greedy decode tokens/s with lowbit's own runtime (`lowbit.runtime.decoder`: fused projections,
+    preallocated KV cache, lowbit's kernels), best of `repeats`; None for an architecture it does not run."""
+    from lowbit.runtime.decoder import Decoder, supports
 
-    compiled_decode(model)
-    try:
-        _timed_generate(model, prompt_ids, new_tokens, 1)  # compiles for exactly these shapes
-        return _timed_generate(model, prompt_ids, new_tokens, repeats)
-    finally:
-        eager_decode(model)
+    if not supports(model):
+        return None
+    ids = prompt_ids.reshape(-1)
+    decoder = Decoder(model, ids.numel() + new_tokens + 1)
+    decoder.generate(ids[:8], 4)  # warm-up
+    best = min(decoder.generate(ids, new_tokens + 1)["decode_s"] for _ in range(repeats))
+    return new_tokens / best

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantLinear, cpu_kernels
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -107,6 +107,7 @@ class Decoder:
         self.max_len = 0
         self.rotary = inner.rotary_emb
         self.scale = self.head_dim ** -0.5
+        self.native = None  # lowbit._cpu.Decoder when every block runs on the compiled kernels
         self._grow(max_len)
 
     def _grow(self, max_len: int) -> None:
@@ -118,8 +119,35 @@ class Decoder:
         cos, sin = self.rotary(probe, pos)  # once per position
         self.cos, self.sin = cos[0].unsqueeze(1).to(self.dtype), sin[0].unsqueeze(1).to(self.dtype)
         shape = (len(self.blocks), self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        native = self._native_ok()
+        cache_dtype = torch.float16 if native else self.dtype  # float16 like llama.cpp's default cache
+        self.k_cache = torch.zeros(shape, dtype=cache_dtype)
+        self.v_cache = torch.zeros(shape, dtype=cache_dtype)
+        self.native = self._build_native(cos[0], sin[0]) if native else None
+
+    def _native_ok(self) -> bool:
+        """Whether decode steps can run in lowbit._cpu.Decoder: fp32 activations, every projection a
+        QuantLinear on the compiled kernels (q/k/v and gate/up fused), silu, sizes the step handles."""
+        cfg = self.cfg
+        return (cpu_kernels.load() is not None and self.dtype == torch.float32
+                and getattr(cfg, "hidden_act", None) == "silu" and cfg.hidden_size % 16 == 0
+                and cfg.intermediate_size % 16 == 0 and self.head_dim % 32 == 0
+                and all(b.qkv is not None and b.gate_up is not None
+                        and all(m.kernel == "cpu" for m in (b.qkv, b.o, b.gate_up, b.down)) for b in self.blocks))
+
+    def _build_native(self, cos: torch.Tensor, sin: torch.Tensor):
+        ext = cpu_kernels.ext()
+        nd = ext.Decoder(self.cfg.hidden_size, self.heads, self.kv_heads, self.head_dim, self.cfg.intermediate_size,
+                         float(self.blocks[0].ln1.variance_epsilon), cos, sin, self.k_cache, self.v_cache)
+
+        def add(m: QuantLinear) -> int:
+            return nd.add_linear(*m._kernel_args(), m.perm, m.bias, *m._layout_args()[:2], m.in_features,
+                                 *m._layout_args()[2:])
+
+        for b in self.blocks:
+            nd.add_block(b.ln1.weight.detach(), b.ln2.weight.detach(), add(b.qkv), add(b.o), add(b.gate_up),
+                         add(b.down))
+        return nd
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -131,6 +159,9 @@ class Decoder:
         if end > self.max_len:
             raise ValueError(f"context of {end} tokens exceeds the decoder's {self.max_len}")
         h = self.embed(ids)  # [T, hidden]
+        if t == 1 and self.native is not None:
+            h = self.native.step(h[0], start).unsqueeze(0)
+            return self.head(_rms(self.norm, h))[0]
         cos, sin = self.cos[start:end], self.sin[start:end]
         hq, hk, d = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
         for i, b in enumerate(self.blocks):
@@ -142,15 +173,16 @@ class Decoder:
                 q, k, v = b.q(x), b.k(x), b.v(x)
             q = _rope(q.reshape(t, self.heads, d), cos, sin)
             k = _rope(k.reshape(t, self.kv_heads, d), cos, sin)
+            v = v.reshape(t, self.kv_heads, d)
             self.k_cache[i, :, start:end] = k.transpose(0, 1)
-            self.v_cache[i, :, start:end] = v.reshape(t, self.kv_heads, d).transpose(0, 1)
+            self.v_cache[i, :, start:end] = v.transpose(0, 1)
             if t == 1:  # one query: grouped heads as rows of one matmul per KV head
                 qg = q.reshape(self.kv_heads, self.heads // self.kv_heads, d)
                 att = torch.softmax(torch.bmm(qg, self.k_cache[i, :, :end].transpose(1, 2)) * self.scale, dim=-1)
                 a = torch.bmm(att, self.v_cache[i, :, :end]).reshape(1, hq)
             else:
-                a = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), self.k_cache[i:i + 1, :, :end],
-                                                   self.v_cache[i:i + 1, :, :end], is_causal=True, enable_gqa=True)
+                a = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                                   v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
                 a = a[0].transpose(0, 1).reshape(t, hq)
             h = h + b.o(a)
             x = _rms(b.ln2, h)
