@@ -62,7 +62,8 @@ inline Layer make_layer(const at::Tensor& qweight, const at::Tensor& scale, cons
   TORCH_CHECK(layout != B3 || bits == 3, "layout B3 holds 3-bit codes");
   TORCH_CHECK(bits >= 1 && bits <= 8 && bits != 7, "bits must be 1..6 or 8");
   TORCH_CHECK(mode >= 0 && mode <= 3 && !(mode == 3 && bits != 4), "unsupported mode ", mode, " for ", bits, " bits");
-  TORCH_CHECK(k % 64 == 0 && group % 32 == 0 && k % group == 0, "K must be a multiple of 64 and the group of 32");
+  TORCH_CHECK(k % 64 == 0 && (group == 32 || group % 64 == 0) && k % group == 0,
+              "K must be a multiple of 64 and the group 32 or a multiple of 64");
   Layer L;
   L.codes = static_cast<const uint8_t*>(qweight.data_ptr());
   L.n = qweight.size(0);
@@ -225,59 +226,76 @@ inline float correction(const Layer& L, int64_t n, const float* xs, float c0) {
 }
 
 // y[m, n..n+R) for M activation rows and R weight rows at a time: R*M independent accumulator
-// chains, one activation load serves R rows, scales come 16 groups per load.
-template <int LAYOUT, int M, int R>
+// chains, one activation load serves R rows, scales come 16 groups per load. Everything indexed by
+// r/m/h is unrolled at compile time so the accumulators and unpacked codes stay in registers.
+// G32: groups of 32 codes (each half block closes a group); otherwise groups are multiples of 64.
+#define LOWBIT_UNROLL _Pragma("GCC unroll 16")
+template <int LAYOUT, bool TABLE, bool G32, int M, int R>
 void gemv_tile(const Layer& L, const Unpack& U, const Values& V, const uint16_t* xb, const float* xs, float c0,
                const float* bias, float* y, int64_t ldy, int64_t n) {
-  const int64_t k = L.k, bb = block_bytes(L), halves_per_group = L.group / 32;
+  const int64_t k = L.k, bb = block_bytes(L), blocks_per_group = G32 ? 1 : L.group / 64;
   const __m512i magic = V.magic, lut = V.lut;
-  const bool table = V.table;
   const uint8_t* row[R];
   __m512 total[R][M], acc[R][M], sv[R];
-  for (int r = 0; r < R; ++r) {
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
     row[r] = L.codes + (n + r) * L.row_bytes;
-    for (int m = 0; m < M; ++m) total[r][m] = acc[r][m] = _mm512_setzero_ps();
+    LOWBIT_UNROLL for (int m = 0; m < M; ++m) total[r][m] = acc[r][m] = _mm512_setzero_ps();
   }
   prefetch_rows(L, n + R, R);
-  int64_t g = 0, h_in_group = 0;
+  int64_t g = 0, blk_in_group = 0;
   __m512i gidx = _mm512_setzero_si512();
   const __m512i one = _mm512_set1_epi32(1);
-  for (int64_t blk = 0; blk < k / 64; ++blk) {
-    __m512i w[R][2];
-    for (int r = 0; r < R; ++r) {
-      codes64<LAYOUT>(U, row[r] + blk * bb, w[r][0], w[r][1]);
-      for (int h = 0; h < 2; ++h)
-        w[r][h] = table ? _mm512_permutexvar_epi16(w[r][h], lut) : _mm512_or_si512(w[r][h], magic);
+  auto scales = [&]() {  // the scale of group g for each row, broadcast
+    if ((g & 15) == 0) {
+      const int64_t cnt = std::min<int64_t>(16, L.groups - g);
+      LOWBIT_UNROLL for (int r = 0; r < R; ++r) sv[r] = load16(L.scale, L.sdtype, (n + r) * L.s_row + g, cnt);
+      gidx = _mm512_setzero_si512();
     }
-    for (int h = 0; h < 2; ++h) {
-      const int64_t k0 = blk * 64 + h * 32;
-      __m512i xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(xb + m * k + k0);
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)w[r][h], (__m512bh)xv[m]);
-      if (++h_in_group == halves_per_group) {  // group g complete: total += acc * s_g
-        if ((g & 15) == 0) {
-          int64_t cnt = std::min<int64_t>(16, L.groups - g);
-          for (int r = 0; r < R; ++r) sv[r] = load16(L.scale, L.sdtype, (n + r) * L.s_row + g, cnt);
-          gidx = _mm512_setzero_si512();
-        }
-        for (int r = 0; r < R; ++r) {
-          __m512 s = _mm512_permutexvar_ps(gidx, sv[r]);
-          for (int m = 0; m < M; ++m) {
+  };
+  for (int64_t blk = 0; blk < k / 64; ++blk) {
+    __m512i xv[2][M];
+    LOWBIT_UNROLL for (int m = 0; m < M; ++m) {
+      xv[0][m] = _mm512_loadu_si512(xb + m * k + blk * 64);
+      xv[1][m] = _mm512_loadu_si512(xb + m * k + blk * 64 + 32);
+    }
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+      __m512i w[2];
+      codes64<LAYOUT>(U, row[r] + blk * bb, w[0], w[1]);
+      LOWBIT_UNROLL for (int h = 0; h < 2; ++h) {
+        w[h] = TABLE ? _mm512_permutexvar_epi16(w[h], lut) : _mm512_or_si512(w[h], magic);
+        LOWBIT_UNROLL for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)w[h], (__m512bh)xv[h][m]);
+        if (G32 && h == 0) {  // group 2*blk closes after the first half: flush with its scale
+          if (r == 0) scales();
+          const __m512 s = _mm512_permutexvar_ps(gidx, sv[r]);
+          LOWBIT_UNROLL for (int m = 0; m < M; ++m) {
             total[r][m] = _mm512_fmadd_ps(acc[r][m], s, total[r][m]);
             acc[r][m] = _mm512_setzero_ps();
           }
         }
-        gidx = _mm512_add_epi32(gidx, one);
-        ++g;
-        h_in_group = 0;
       }
     }
+    if (G32) {  // the first half's group done; the second half's is flushed below
+      gidx = _mm512_add_epi32(gidx, one);
+      ++g;
+    }
+    if (G32 || ++blk_in_group == blocks_per_group) {
+      scales();
+      LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_permutexvar_ps(gidx, sv[r]);
+        LOWBIT_UNROLL for (int m = 0; m < M; ++m) {
+          total[r][m] = _mm512_fmadd_ps(acc[r][m], s, total[r][m]);
+          acc[r][m] = _mm512_setzero_ps();
+        }
+      }
+      gidx = _mm512_add_epi32(gidx, one);
+      ++g;
+      blk_in_group = 0;
+    }
   }
-  for (int r = 0; r < R; ++r) {
-    float b = bias ? bias[n + r] : 0.f;
-    for (int m = 0; m < M; ++m) {
-      float corr = (c0 != 0.f || L.mode == 1 || L.mode == 2) ? correction(L, n + r, xs + m * L.groups, c0) : 0.f;
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+    const float b = bias ? bias[n + r] : 0.f;
+    LOWBIT_UNROLL for (int m = 0; m < M; ++m) {
+      const float corr = (c0 != 0.f || L.mode == 1 || L.mode == 2) ? correction(L, n + r, xs + m * L.groups, c0) : 0.f;
       y[m * ldy + n + r] = _mm512_reduce_add_ps(total[r][m]) - corr + b;
     }
   }
@@ -337,13 +355,26 @@ void tiles(int64_t a, int64_t e, Tile1&& one, TileR&& many) {
   for (; n < e; ++n) one(n);
 }
 
+template <int LAYOUT, bool TABLE, bool G32, int M, int R>
+void run_tiles(const Layer& L, const Unpack& U, const Values& V, const uint16_t* xb, const float* xs, float c0,
+               const float* bias, float* y) {
+  over_rows(L.n, R, [&](int64_t a, int64_t e) {
+    tiles<M, R>(a, e, [&](int64_t n) { gemv_tile<LAYOUT, TABLE, G32, M, 1>(L, U, V, xb, xs, c0, bias, y, L.n, n); },
+                [&](int64_t n) { gemv_tile<LAYOUT, TABLE, G32, M, R>(L, U, V, xb, xs, c0, bias, y, L.n, n); });
+  });
+}
+
 template <int LAYOUT, int M, int R>
 void run_lut(const Layer& L, const Unpack& U, const Values& V, const uint16_t* xb, const float* xs, float c0,
              const float* bias, float* y) {
-  over_rows(L.n, R, [&](int64_t a, int64_t e) {
-    tiles<M, R>(a, e, [&](int64_t n) { gemv_tile<LAYOUT, M, 1>(L, U, V, xb, xs, c0, bias, y, L.n, n); },
-                [&](int64_t n) { gemv_tile<LAYOUT, M, R>(L, U, V, xb, xs, c0, bias, y, L.n, n); });
-  });
+  const bool g32 = L.group == 32;
+  if (V.table) {
+    if (g32) run_tiles<LAYOUT, true, true, M, R>(L, U, V, xb, xs, c0, bias, y);
+    else run_tiles<LAYOUT, true, false, M, R>(L, U, V, xb, xs, c0, bias, y);
+  } else {
+    if (g32) run_tiles<LAYOUT, false, true, M, R>(L, U, V, xb, xs, c0, bias, y);
+    else run_tiles<LAYOUT, false, false, M, R>(L, U, V, xb, xs, c0, bias, y);
+  }
 }
 
 template <int LAYOUT>

@@ -58,8 +58,9 @@ def mode(spec: QuantSpec) -> int | None:
 
 
 def covers(spec: QuantSpec, in_features: int, group_size: int | None) -> bool:
-    """Whether the compiled kernels run this layout: 1..6 or 8 bits, K a multiple of 64, groups of 32."""
+    """Whether the compiled kernels run this layout: 1..6 or 8 bits, K a multiple of 64, groups of 32
+    or of a multiple of 64 codes (or per channel)."""
     if mode(spec) is None or spec.bits == 7:
         return False
     group = group_size or in_features
-    return in_features % 64 == 0 and group % 32 == 0 and in_features % group == 0
+    return in_features % 64 == 0 and (group == 32 or group % 64 == 0) and in_features % group == 0
