@@ -9,8 +9,9 @@ Side by side in one run, SmolLM2-135M, batch 1, 2 threads, greedy, the same rand
   sym (Q4_0's grid) and W8 per-channel, both with an int8 lm_head as llama.cpp keeps token_embd/output
   at Q8_0 in these files — and W3 / W2 / NF4 g32 against W4; fp32 and bf16 dense;
   decode tok/s at each context and 512-token prefill tok/s;
-- with --memory, in a fresh process per checkpoint (saved in lowbit's format): RSS after
-  `import torch, transformers, lowbit`, after loading the checkpoint, and the peak during two 512-token
+- with --memory, in a fresh process per checkpoint (saved in lowbit's format): RSS after the imports
+  (torch, transformers, lowbit, tokenizers and the model/tokenizer modules loading uses), after
+  loading the checkpoint (weights and tokenizer), and the peak during two 512-token
   forwards, against the model's in-memory bytes (`lowbit eval`'s figure);
 - with --quantize-memory, peak RSS of `lowbit quantize` GPTQ W3/W4 g64 (64 x 512 calibration).
 Speed is method-independent, so the speed checkpoints are RTN. Writes bench/results/kernels.json.
@@ -130,9 +131,10 @@ def rss():
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"): return int(line.split()[1]) * 1024
-import transformers, lowbit, lowbit.models
+import transformers, lowbit, lowbit.models, lowbit.api, lowbit.export, tokenizers
+import transformers.models.llama.modeling_llama, transformers.models.auto.tokenization_auto
 from lowbit.eval.size import memory_bytes
-imports = rss()
+imports = rss()  # every module loading uses imported: what follows is data
 from lowbit.api import load
 model, tok = load(sys.argv[1])
 loaded = rss()
@@ -150,7 +152,8 @@ import json, sys, torch
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"): return int(line.split()[1]) * 1024
-import transformers, lowbit, lowbit.models
+import transformers, lowbit, lowbit.models, lowbit.api, lowbit.export, tokenizers
+import transformers.models.llama.modeling_llama, transformers.models.auto.tokenization_auto
 from lowbit.models.loader import default_model_dir
 a = rss()
 tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())
@@ -223,9 +226,11 @@ def main():
             call_worker({"cmd": "quantize", "ftype": ft, "src": str(f32), "dst": str(files[ft])})
 
     names = ["fp32", "bf16", *args.variants.split(",")]
+    if not args.rounds:  # memory figures only
+        names, files = [], {}
     decoders = {n: Decoder(build(base, n), max(contexts) + args.new_tokens + 8) for n in names}
     results = {n: {"decode_tok_s": {str(c): 0.0 for c in contexts}, "prefill_tok_s": 0.0} for n in names}
-    results.update({f"llama.cpp {ft}": {"decode_tok_s": {str(c): 0.0 for c in contexts}} for ft in FTYPES})
+    results.update({f"llama.cpp {ft}": {"decode_tok_s": {str(c): 0.0 for c in contexts}} for ft in files})
     for rnd in range(args.rounds):  # round-robin so background load hits every entry alike
         for ft, path in files.items():
             r = call_worker({"cmd": "speed", "file": str(path), "contexts": contexts, "prompt": prompt,
@@ -242,15 +247,15 @@ def main():
 
     ratios = {}
     for n, ft in MATCH.items():
-        if n in results:
+        if n in decoders:
             for c in map(str, contexts):
                 ratios[f"{n} / llama.cpp {ft} decode @{c}"] = (results[n]["decode_tok_s"][c]
                                                                 / results[f"llama.cpp {ft}"]["decode_tok_s"][c])
     for n in ("W3 g32", "W2 g32", "NF4 g32"):
-        if n in results and "W4 g32" in results:
+        if n in decoders and "W4 g32" in decoders:
             for c in map(str, contexts):
                 ratios[f"{n} / W4 g32 decode @{c}"] = results[n]["decode_tok_s"][c] / results["W4 g32"]["decode_tok_s"][c]
-    if "W4 g32" in results:
+    if "W4 g32" in decoders:
         ratios["W4 g32 / bf16 prefill 512"] = results["W4 g32"]["prefill_tok_s"] / results["bf16"]["prefill_tok_s"]
         ratios["W4 g32 / fp32 prefill 512"] = results["W4 g32"]["prefill_tok_s"] / results["fp32"]["prefill_tok_s"]
 

@@ -2,7 +2,8 @@
 // token costs the GEMVs and a few vector loops instead of ~60 framework ops per block.
 //
 // Per block: RMSNorm -> fused q/k/v GEMV -> RoPE (cos/sin tables, one row per position) -> K/V
-// written at `pos` into the float16 cache [blocks, kv_heads, max_len, head_dim] -> attention of
+// written at `pos` into the float16 caches (keys [blocks, kv_heads, head_dim, max_len], so the scores of
+// 16 positions are one vector of FMAs; values [blocks, kv_heads, max_len, head_dim]) -> attention of
 // each query head over positions 0..pos (its KV head: head / (heads / kv_heads)) -> o GEMV +
 // residual -> RMSNorm -> fused gate/up GEMV -> silu(gate) * up -> down GEMV + residual.
 // The Python side (lowbit/runtime/decoder.py) builds it from QuantLinear layers, fills the cache
@@ -82,9 +83,12 @@ class Decoder {
     TORCH_CHECK(hidden % 16 == 0 && head_dim % 32 == 0 && inter % 16 == 0 && heads % kv_heads == 0,
                 "hidden and intermediate sizes must be multiples of 16, head_dim of 32");
     TORCH_CHECK(k_.scalar_type() == at::kHalf && v_.scalar_type() == at::kHalf && k_.is_contiguous() &&
-                    v_.is_contiguous() && k_.dim() == 4 && k_.size(1) == kv_heads && k_.size(3) == head_dim,
-                "the KV caches must be contiguous float16 [blocks, kv_heads, max_len, head_dim]");
-    max_len_ = k_.size(2);
+                    v_.is_contiguous() && k_.dim() == 4 && v_.dim() == 4 && k_.size(1) == kv_heads &&
+                    k_.size(2) == head_dim && v_.size(3) == head_dim && v_.size(2) == k_.size(3) &&
+                    k_.size(3) % 16 == 0 && head_dim <= 256,
+                "the KV caches must be contiguous float16, keys [blocks, kv_heads, head_dim, max_len] and values "
+                "[blocks, kv_heads, max_len, head_dim], max_len a multiple of 16, head_dim at most 256");
+    max_len_ = k_.size(3);
     TORCH_CHECK(cos_.size(0) >= max_len_ && cos_.size(1) == head_dim, "cos/sin must be [max_len, head_dim]");
     const int64_t widest = std::max({hidden, inter, heads * head_dim});
     xp_.resize(widest);
@@ -188,22 +192,36 @@ class Decoder {
     for (int64_t hh = 0; hh < heads_; ++hh) rope(q + hh * d_, c, s);
     uint16_t* kc = reinterpret_cast<uint16_t*>(k_.data_ptr<at::Half>());
     uint16_t* vc = reinterpret_cast<uint16_t*>(v_.data_ptr<at::Half>());
+    alignas(64) uint16_t kh[256];
     for (int64_t g = 0; g < kv_heads_; ++g) {
       rope(k + g * d_, c, s);
-      const int64_t off = ((layer * kv_heads_ + g) * max_len_ + pos) * d_;
+      const int64_t base = (layer * kv_heads_ + g) * max_len_ * d_;
       for (int64_t j = 0; j < d_; j += 16) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(kc + off + j),
-                            _mm512_cvtps_ph(_mm512_loadu_ps(k + g * d_ + j), _MM_FROUND_TO_NEAREST_INT));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(vc + off + j),
+        _mm256_store_si256(reinterpret_cast<__m256i*>(kh + j),
+                           _mm512_cvtps_ph(_mm512_loadu_ps(k + g * d_ + j), _MM_FROUND_TO_NEAREST_INT));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(vc + base + pos * d_ + j),
                             _mm512_cvtps_ph(_mm512_loadu_ps(v + g * d_ + j), _MM_FROUND_TO_NEAREST_INT));
       }
+      for (int64_t t = 0; t < d_; ++t) kc[base + t * max_len_ + pos] = kh[t];
     }
   }
 
   static __m512 half16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
   void attend(int64_t layer, int64_t pos) {
-    const int64_t n = pos + 1, group = heads_ / kv_heads_;
+    switch (d_ / 16) {
+      case 2: attend_n<2>(layer, pos); break;
+      case 4: attend_n<4>(layer, pos); break;
+      case 8: attend_n<8>(layer, pos); break;
+      case 16: attend_n<16>(layer, pos); break;
+      default: TORCH_CHECK(false, "head_dim ", d_, " is not 32, 64, 128 or 256");
+    }
+  }
+
+  // softmax(q K^T / sqrt(d)) V for each query head; NC = head_dim / 16 vectors per head
+  template <int NC>
+  void attend_n(int64_t layer, int64_t pos) {
+    const int64_t n = pos + 1, group = heads_ / kv_heads_, blocks16 = (n + 15) / 16;
     const float scale = 1.f / std::sqrt(static_cast<float>(d_));
     const uint16_t* kc = reinterpret_cast<const uint16_t*>(k_.data_ptr<at::Half>());
     const uint16_t* vc = reinterpret_cast<const uint16_t*>(v_.data_ptr<at::Half>());
@@ -212,40 +230,38 @@ class Decoder {
         const int64_t base = (layer * kv_heads_ + hh / group) * max_len_ * d_;
         const float* q = qkv_.data() + hh * d_;
         float* sc = scores_.data() + hh * max_len_;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) {
-          const uint16_t* kr = kc + base + j * d_;
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t t = 0; t < d_; t += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + t), half16(kr + t), acc);
-          sc[j] = _mm512_reduce_add_ps(acc) * scale;
-          mx = std::max(mx, sc[j]);
-        }
-        __m512 tot = _mm512_setzero_ps();
-        const __m512 mv = _mm512_set1_ps(mx);
-        int64_t j = 0;
-        for (; j + 16 <= n; j += 16) {
-          __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + j), mv));
-          _mm512_storeu_ps(sc + j, p);
-          tot = _mm512_add_ps(tot, p);
-        }
-        if (j < n) {
-          const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
-          __m512 p = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + j), mv)));
-          _mm512_mask_storeu_ps(sc + j, m, p);
-          tot = _mm512_add_ps(tot, p);
-        }
-        const float inv = 1.f / _mm512_reduce_add_ps(tot);
-        float* out = att_.data() + hh * d_;
-        for (int64_t t = 0; t < d_; t += 16) {
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t b = 0; b < blocks16; ++b) {  // 16 positions: sum over t of q[t] * K[t][j..j+16)
+          const uint16_t* kb = kc + base + b * 16;
           __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-          int64_t jj = 0;
-          for (; jj + 2 <= n; jj += 2) {
-            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(sc[jj]), half16(vc + base + jj * d_ + t), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(sc[jj + 1]), half16(vc + base + (jj + 1) * d_ + t), acc1);
+          for (int64_t t = 0; t < d_; t += 2) {
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(q[t]), half16(kb + t * max_len_), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(q[t + 1]), half16(kb + (t + 1) * max_len_), acc1);
           }
-          if (jj < n) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(sc[jj]), half16(vc + base + jj * d_ + t), acc0);
-          _mm512_storeu_ps(out + t, _mm512_mul_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(inv)));
+          __m512 s = _mm512_mul_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(scale));
+          const int64_t left = n - b * 16;
+          if (left < 16) s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), static_cast<__mmask16>((1u << left) - 1), s);
+          _mm512_storeu_ps(sc + b * 16, s);
+          mx = _mm512_max_ps(mx, s);
         }
+        const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 tot = _mm512_setzero_ps();
+        for (int64_t b = 0; b < blocks16; ++b) {
+          __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + b * 16), mv));
+          p = _mm512_maskz_mov_ps(static_cast<__mmask16>(n - b * 16 >= 16 ? 0xFFFF : (1u << (n - b * 16)) - 1), p);
+          _mm512_storeu_ps(sc + b * 16, p);
+          tot = _mm512_add_ps(tot, p);
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(tot));
+        __m512 acc[NC];
+        LOWBIT_UNROLL for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {  // out += p_j V[j]
+          const __m512 p = _mm512_set1_ps(sc[j]);
+          const uint16_t* vr = vc + base + j * d_;
+          LOWBIT_UNROLL for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(p, half16(vr + 16 * c), acc[c]);
+        }
+        float* out = att_.data() + hh * d_;
+        LOWBIT_UNROLL for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
       }
     });
   }

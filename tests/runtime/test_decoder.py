@@ -105,6 +105,6 @@ def test_supports_only_plain_rope_gqa_decoders(tiny):
 
 
 def test_context_beyond_the_cache_is_refused(tiny):
-    dec = Decoder(copy.deepcopy(tiny), 8)
+    dec = Decoder(copy.deepcopy(tiny), 16)
     with pytest.raises(ValueError, match="exceeds"):
-        dec.forward(torch.arange(9), 0)
+        dec.forward(torch.arange(17), 0)

@@ -113,6 +113,7 @@ class Decoder:
     def _grow(self, max_len: int) -> None:
         if max_len <= self.max_len:
             return
+        max_len = -(-max_len // 16) * 16  # the compiled step reads keys 16 positions at a time
         self.max_len = max_len
         pos = torch.arange(max_len).unsqueeze(0)
         probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
@@ -121,7 +122,9 @@ class Decoder:
         shape = (len(self.blocks), self.kv_heads, max_len, self.head_dim)
         native = self._native_ok()
         cache_dtype = torch.float16 if native else self.dtype  # float16 like llama.cpp's default cache
-        self.k_cache = torch.zeros(shape, dtype=cache_dtype)
+        # keys position-minor [blocks, kv_heads, head_dim, max_len]: a query's scores against 16
+        # positions are one vector of FMAs; values position-major [blocks, kv_heads, max_len, head_dim]
+        self.k_cache = torch.zeros(shape[:2] + (self.head_dim, max_len), dtype=cache_dtype)
         self.v_cache = torch.zeros(shape, dtype=cache_dtype)
         self.native = self._build_native(cos[0], sin[0]) if native else None
 
@@ -174,11 +177,11 @@ class Decoder:
             q = _rope(q.reshape(t, self.heads, d), cos, sin)
             k = _rope(k.reshape(t, self.kv_heads, d), cos, sin)
             v = v.reshape(t, self.kv_heads, d)
-            self.k_cache[i, :, start:end] = k.transpose(0, 1)
+            self.k_cache[i, :, :, start:end] = k.permute(1, 2, 0)
             self.v_cache[i, :, start:end] = v.transpose(0, 1)
             if t == 1:  # one query: grouped heads as rows of one matmul per KV head
                 qg = q.reshape(self.kv_heads, self.heads // self.kv_heads, d)
-                att = torch.softmax(torch.bmm(qg, self.k_cache[i, :, :end].transpose(1, 2)) * self.scale, dim=-1)
+                att = torch.softmax(torch.bmm(qg, self.k_cache[i, :, :, :end]) * self.scale, dim=-1)
                 a = torch.bmm(att, self.v_cache[i, :, :end]).reshape(1, hq)
             else:
                 a = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
