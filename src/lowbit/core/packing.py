@@ -42,6 +42,8 @@ def pack_bits(codes: torch.Tensor, bits: int, container: torch.dtype = torch.int
         c = c.reshape(*lead, -1, per)
         shifts = torch.arange(per, dtype=torch.int64) * bits
         words = (c << shifts).sum(-1)
+    elif container == torch.int32:
+        words = _pack_cross_int32(c, bits, lead, n)
     else:
         bit_idx = torch.arange(bits, dtype=torch.int64)
         stream = ((c.unsqueeze(-1) >> bit_idx) & 1).reshape(*lead, n * bits)
@@ -53,6 +55,22 @@ def pack_bits(codes: torch.Tensor, bits: int, container: torch.dtype = torch.int
     if container == torch.int32:
         words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(container)
+
+
+def _pack_cross_int32(c: torch.Tensor, bits: int, lead: torch.Size, n: int) -> torch.Tensor:
+    """Codes of a width that does not divide 32 (3, 5, 6, 7 bits): every 32 codes fill `bits` words;
+    built one code position at a time, so the temporaries stay the size of the codes."""
+    chunks = -(-n // 32)
+    if chunks * 32 != n:
+        c = torch.nn.functional.pad(c, (0, chunks * 32 - n))
+    c = c.reshape(*lead, chunks, 32)
+    words = torch.zeros(*lead, chunks, bits, dtype=torch.int64)
+    for i in range(32):
+        w, s = divmod(i * bits, 32)
+        words[..., w] |= (c[..., i] << s) & 0xFFFFFFFF
+        if s + bits > 32:
+            words[..., w + 1] |= c[..., i] >> (32 - s)
+    return words.reshape(*lead, chunks * bits)[..., :packed_len(n, bits)]
 
 
 def _cross_tables(bits: int) -> tuple[torch.Tensor, ...]:
