@@ -13,9 +13,6 @@ import torch
 
 I8_MAX = 127
 EPS = 1e-12
-# torch._int_mm on CPU takes any shape; below this many rows a float matmul of the dequantized
-# weight is as fast and skips the per-call quantization (decode, batch-1 GEMV)
-INT_MM_MIN_ROWS = 1
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +58,10 @@ def quantize_weight(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch
 
 
 def int_matmul(q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """int8 [M, K] x int8 [K, N] -> int32 [M, N]."""
+    """int8 [M, K] x int8 [K, N] -> int32 [M, N]. K = 1 takes an exact float path: torch 2.13's
+    CPU `_int_mm` returns wrong sums for K = 1 (tests/nn/test_int8_kernels.py)."""
+    if q.shape[1] == 1:
+        return (q.float() @ w_t.float()).to(torch.int32)  # |products| <= 127**2: exact in float32
     return torch._int_mm(q.contiguous(), w_t)
 
 

@@ -13,5 +13,6 @@ from lowbit.ptq.calibrate import calibrate
 from lowbit.ptq.config import PTQConfig, ptq_config
 from lowbit.ptq.convert import convert
 from lowbit.ptq.prepare import prepare
+from lowbit.ptq.serialize import load, save
 
-__all__ = ["PTQConfig", "calibrate", "convert", "prepare", "ptq_config"]
+__all__ = ["PTQConfig", "calibrate", "convert", "load", "prepare", "ptq_config", "save"]
