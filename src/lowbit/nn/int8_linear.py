@@ -39,6 +39,9 @@ def _act_params(spec: ActSpec, scale: torch.Tensor | None, zero: torch.Tensor | 
                                                                  (z if z.numel() > 1 else z.reshape(())))
 
 
+ACT_TENSORS = ("input_scale", "input_zero", "output_scale", "output_zero")  # saved as `<name>.<tensor>`
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, scheme: LayerScheme, bias: bool = True,
                  name: str = "Int8Linear"):
@@ -100,6 +103,13 @@ class Int8Linear(nn.Module):
         qw = quantize(w, scheme.weight)
         out = output_qparams if output_qparams is not None else (None, None)
         return cls.from_record(qw, linear.bias, scheme, in_scale, in_zero, out[0], out[1], name=name)
+
+    @classmethod
+    def from_saved(cls, qw: QuantizedWeight, bias, scheme: dict, params: dict, name: str) -> "Int8Linear":
+        """From a checkpoint: the record, the scheme as saved (`LayerScheme.to_dict`) and the
+        activation tensors `ACT_TENSORS` (None where the scheme has none)."""
+        return cls.from_record(qw, bias, LayerScheme.from_dict(scheme), *(params.get(t) for t in ACT_TENSORS),
+                               name=name)
 
     def record(self) -> QuantizedWeight:
         return QuantizedWeight(self.weight_codes.clone(), self.weight_scale.reshape(-1, 1).clone(), None,
