@@ -72,7 +72,7 @@ class _Shadow(nn.Module):
                 lo, hi = (-128, 127) if a.symmetric else (0, 255)
                 zz = torch.zeros(c.in_channels, dtype=torch.int32) if z is None else z.round().to(torch.int32)
                 xq = torch.fake_quantize_per_channel_affine(x, torch.ones(c.in_channels), zz, 1, lo, hi)
-                w = self._weight().reshape(c.out_channels, c.in_channels, *c.kernel_size) / s.reshape(1, -1, 1, 1)
+                w = self._weight().reshape(c.out_channels, c.in_channels, *c.kernel_size)  # x already / s
             else:
                 xq = _fq_act(x, lin.input_scale, lin.input_zero, a)
                 w = self._weight().reshape(c.out_channels, c.in_channels, *c.kernel_size)

@@ -23,7 +23,7 @@ def expand_channel_params(t, kernel_area: int):
     if t is None:
         return None
     t = torch.as_tensor(t, dtype=torch.float32)
-    return t.repeat_interleave(kernel_area) if t.dim() > 0 and t.numel() > 1 else t
+    return t.reshape(-1).repeat_interleave(kernel_area) if t.dim() > 0 else t
 
 
 def patches(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:

@@ -25,18 +25,21 @@ from lowbit.spec import ActSpec, LayerScheme
 
 def _act_params(spec: ActSpec, scale: torch.Tensor | None, zero: torch.Tensor | None, name: str, what: str,
                 features: int):
+    """Static parameters as the kernel holds them: [features] per channel, 0-d per tensor."""
     if spec is None or spec.dynamic:
         return None, None
     if scale is None:
         raise LowbitError(f"{name}: the static {what} spec needs calibrated scales; run calibrate() first")
+    n = features if spec.granularity == "channel" else 1
     scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-    if scale.numel() not in (1, features):
-        raise LowbitError(f"{name}: {what} scale has {scale.numel()} values, expected 1 or {features}")
+    if scale.numel() != n:
+        raise LowbitError(f"{name}: {what} scale has {scale.numel()} values, expected {n} ({spec.describe()})")
     if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
         raise LowbitError(f"{name}: {what} scales must be finite and positive")
-    z = None if spec.symmetric else torch.as_tensor(zero, dtype=torch.float32).reshape(scale.shape)
-    return (scale if scale.numel() > 1 else scale.reshape(())), (None if z is None else
-                                                                 (z if z.numel() > 1 else z.reshape(())))
+    z = None if spec.symmetric else torch.as_tensor(zero, dtype=torch.float32).reshape(scale.shape).clone()
+    if spec.granularity != "channel":
+        return scale.reshape(()).clone(), None if z is None else z.reshape(())
+    return scale.clone(), z
 
 
 ACT_TENSORS = ("input_scale", "input_zero", "output_scale", "output_zero")  # saved as `<name>.<tensor>`
@@ -136,7 +139,7 @@ class Int8Linear(nn.Module):
             if a.dynamic:
                 self._derived = (w_t, None, None, None, self.weight_scale)
             else:
-                per_channel = self.input_scale.dim() > 0
+                per_channel = a.granularity == "channel"
                 inv = 1.0 / self.input_scale
                 corr = int8.zero_correction(self.weight_codes, self.input_zero)
                 out_scale = self.weight_scale if per_channel else self.weight_scale * self.input_scale
