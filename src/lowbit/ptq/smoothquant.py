@@ -26,25 +26,32 @@ def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: 
 
 
 def fold_smoothing(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0) -> None:
-    """In place: norm(x) / s and W · s (norm_offset 1: a norm that scales by 1 + weight, as Gemma's)."""
+    """In place: norm(x) / s and W · s (norm_offset 1: a norm that scales by 1 + weight, as Gemma's).
+    `norm` may be a Linear whose output feeds the others through an elementwise product (up_proj
+    before down_proj): its output rows are divided by s."""
     w = norm.weight.data
-    norm.weight.data = (((w.float() + norm_offset) / s) - norm_offset).to(w.dtype)
+    if isinstance(norm, nn.Linear):
+        norm.weight.data = (w.float() / s[:, None]).to(w.dtype)
+    else:
+        norm.weight.data = (((w.float() + norm_offset) / s) - norm_offset).to(w.dtype)
     if getattr(norm, "bias", None) is not None:
         norm.bias.data = (norm.bias.data.float() / s).to(norm.bias.dtype)
     for lin in linears:
         lin.weight.data = (lin.weight.data.float() * s[None, :]).to(lin.weight.dtype)
 
 
-def llm_pairs(model) -> list[tuple[str, list[str]]]:
+def llm_pairs(model, up_down: bool = True) -> list[tuple[str, list[str]]]:
     """(norm, Linears reading it) of every decoder block, from the architecture table's smoothing
-    pairs whose first member is a norm (the V->O and up->down pairs are left to AWQ)."""
+    pairs whose first member is a norm, and (with up_down) up_proj -> down_proj: down_proj reads
+    act(gate) * up, so dividing up's output rows by s divides its input. V -> O is left out (with
+    grouped-query attention one V row feeds several O columns)."""
     from lowbit.models.arch import arch_for, blocks_of
 
     arch = arch_for(model)
     pairs = []
     for i, _ in enumerate(blocks_of(model, arch)):
         for prev, lins in arch.smooth:
-            if prev in arch.linears:
+            if prev in arch.linears and not (up_down and prev.endswith("up_proj")):
                 continue
             p = f"{arch.blocks}.{i}"
             pairs.append((f"{p}.{prev}", [f"{p}.{n}" for n in lins]))
@@ -76,10 +83,11 @@ def input_absmax(model: nn.Module, names: list[str], batches: Iterable) -> dict[
 
 
 def smooth(model: nn.Module, batches: Iterable, alpha: float = 0.5,
-           pairs: list[tuple[str, list[str]]] | None = None, norm_offset: float | None = None) -> dict[str, torch.Tensor]:
+           pairs: list[tuple[str, list[str]]] | None = None, norm_offset: float | None = None,
+           up_down: bool = True) -> dict[str, torch.Tensor]:
     """Smooth `model` in place; returns {norm name: s}. `pairs` default to a known LLM's norms."""
     if pairs is None:
-        pairs = llm_pairs(model)
+        pairs = llm_pairs(model, up_down)
         if norm_offset is None:
             from lowbit.models.arch import arch_for
 
