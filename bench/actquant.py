@@ -56,7 +56,17 @@ def interleaved(fns: dict, repeats: int) -> dict:
 
 
 def nbytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Bytes of the state dict's tensors (torch.ao's packed params unpacked to their tensors)."""
+    total = 0
+    for t in model.state_dict().values():
+        if isinstance(t, tuple):  # torch.ao: (packed weight, bias)
+            t = [x for x in t if torch.is_tensor(x)]
+        for x in (t if isinstance(t, list) else [t]):
+            if torch.is_tensor(x):
+                total += x.numel() * x.element_size() if not x.is_quantized else x.int_repr().numel() + 8 * (
+                    x.q_per_channel_scales().numel() if x.qscheme() in (torch.per_channel_affine,
+                                                                         torch.per_channel_symmetric) else 1)
+    return total
 
 
 # ---- digits ---------------------------------------------------------------------------------------
