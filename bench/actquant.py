@@ -246,10 +246,19 @@ def minilm(repeats: int) -> dict:
         log.warning("torch.ao quantize_dynamic: %s", e)
     tmp = Path(tempfile.mkdtemp())
     fp32_onnx = tmp / "minilm.onnx"
-    ex = tok(held[:2], padding="max_length", max_length=16, return_tensors="pt")
+    ex = tok(held[:2], padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     names = ["input_ids", "attention_mask", "token_type_ids"]
+    class Wrapped(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
     with torch.no_grad():
-        torch.onnx.export(model, (ex["input_ids"], ex["attention_mask"], ex["token_type_ids"]), str(fp32_onnx),
+        torch.onnx.export(Wrapped(model), (ex["input_ids"], ex["attention_mask"], ex["token_type_ids"]), str(fp32_onnx),
                           dynamo=False, opset_version=17, input_names=names, output_names=["last_hidden_state"],
                           dynamic_axes={n: {0: "b", 1: "t"} for n in names})
     from onnxruntime.quantization import QuantType, quantize_dynamic
