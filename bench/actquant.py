@@ -291,7 +291,22 @@ def minilm(repeats: int) -> dict:
 
 
 # ---- SmolLM2 --------------------------------------------------------------------------------------
-def smollm2(repeats: int, samples: int, windows: int) -> dict:
+def static_down_dynamic(model, calib, alpha):
+    """Static W8A8 with SmoothQuant, except down_proj's input quantized per token at run time."""
+    from lowbit.ptq.llm import block_linears
+    from lowbit.ptq.smoothquant import smooth
+    from lowbit.spec import scheme
+
+    batches = list(calib.split(4))
+    smooth(model, batches, alpha)
+    cfg = ptq.PTQConfig(scheme("w8a8-static"), targets=tuple(block_linears(model)),
+                        overrides=((r"down_proj$", scheme("w8a8-dynamic")),))
+    ptq.prepare(model, cfg)
+    ptq.calibrate(model, batches)
+    return ptq.convert(model)
+
+
+def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8) -> dict:
     from lowbit.calibration import calibration_batches, eval_windows, load_text
     from lowbit.eval.quality import quality_many
     from lowbit.models import load_model
@@ -302,13 +317,17 @@ def smollm2(repeats: int, samples: int, windows: int) -> dict:
     calib = calibration_batches(tok, split.calibration, samples, 512)
     ev = eval_windows(tok, split.evaluation, 512, windows)
     variants = {"W8A8 dynamic": ("w8a8-dynamic", {}), "W8A8 static": ("w8a8-static", {}),
-                "W8A8 static + SmoothQuant 0.5": ("w8a8-static", {"smoothquant": 0.5}),
-                "W8A8 dynamic + SmoothQuant 0.5": ("w8a8-dynamic", {"smoothquant": 0.5}),
+                f"W8A8 static + SmoothQuant {alpha}": ("w8a8-static", {"smoothquant": alpha}),
+                f"W8A8 static + SmoothQuant {alpha}, down_proj dynamic": ("w8a8-static", {"smoothquant": alpha,
+                                                                                         "down_dynamic": True}),
                 "W4A8 (GPTQ W4 per channel)": ("w4a8", {})}
     models, qtime = {}, {}
     for k, (name, kw) in variants.items():
         t0 = time.time()
-        models[k] = quantize_llm(copy.deepcopy(model), name, calib, progress=False, **kw)
+        if kw.pop("down_dynamic", False):
+            models[k] = static_down_dynamic(copy.deepcopy(model), calib, kw["smoothquant"])
+        else:
+            models[k] = quantize_llm(copy.deepcopy(model), name, calib, progress=False, **kw)
         qtime[k] = time.time() - t0
         log.info("%s quantized in %.1f s", k, qtime[k])
     orig, res = quality_many(model, models, ev, progress=False)
@@ -330,8 +349,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="digits,minilm,smollm2")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--samples", type=int, default=16, help="SmolLM2 calibration windows")
-    ap.add_argument("--windows", type=int, default=8, help="SmolLM2 evaluation windows")
+    ap.add_argument("--samples", type=int, default=8, help="SmolLM2 calibration windows")
+    ap.add_argument("--windows", type=int, default=4, help="SmolLM2 evaluation windows")
+    ap.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant alpha")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -345,13 +365,15 @@ def main() -> None:
         elif section == "minilm":
             out["minilm"] = minilm(max(3, args.repeats // 3))
         elif section == "smollm2":
-            out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows)
+            out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows, args.alpha)
         else:
             sys.exit(f"unknown section {section}")
         out[section]["seconds"] = time.time() - t0
         out[section]["load_avg_at_end"] = os.getloadavg()[0]
         RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+        merged = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # sections run elsewhere meanwhile
+        merged.update({"machine": out["machine"], section: out[section]})
+        RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
         print(json.dumps({section: out[section]}, indent=1), flush=True)
 
 
