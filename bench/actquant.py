@@ -257,8 +257,9 @@ def minilm(repeats: int) -> dict:
             return self.m(input_ids=input_ids, attention_mask=attention_mask,
                           token_type_ids=token_type_ids).last_hidden_state
 
-    with torch.no_grad():
-        torch.onnx.export(Wrapped(model), (ex["input_ids"], ex["attention_mask"], ex["token_type_ids"]), str(fp32_onnx),
+    with torch.no_grad():  # the exporter restores the wrapper's mode afterwards: it must be eval (no dropout)
+        torch.onnx.export(Wrapped(model).eval(), (ex["input_ids"], ex["attention_mask"], ex["token_type_ids"]),
+                          str(fp32_onnx),
                           dynamo=False, opset_version=17, input_names=names, output_names=["last_hidden_state"],
                           dynamic_axes={n: {0: "b", 1: "t"} for n in names})
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -274,6 +275,7 @@ def minilm(repeats: int) -> dict:
     runs["ORT quantize_dynamic"] = ort_run(ort_q)
     sizes["onnxruntime fp32"] = fp32_onnx.stat().st_size
     sizes["ORT quantize_dynamic"] = ort_q.stat().st_size
+    assert not any(m.training for m in model.modules())
     ref = embed(runs["fp32"], enc)
     rows = {}
     for k, r in runs.items():
