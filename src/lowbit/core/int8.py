@@ -19,9 +19,10 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
     """x [M, K] float -> (codes int8 [M, K], scale float32 [M, 1]); symmetric, one scale per row."""
     qmax = 2 ** (bits - 1) - 1
     x = x.float()
-    scale = (x.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(EPS)
-    q = torch.round(x / scale).clamp_(-qmax, qmax).to(torch.int8)
-    return q, scale
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True)  # one pass, no |x| copy
+    scale = (amax / qmax).clamp_min_(EPS)
+    q = torch.div(x, scale).round_()  # |x| / (max|x| / qmax) <= qmax: no clamp needed
+    return q.to(torch.int8), scale
 
 
 def quantize_per_tensor_dynamic(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +68,12 @@ def int_matmul(q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
 
 def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
             correction: torch.Tensor | None = None) -> torch.Tensor:
-    """(acc + correction) * row_scale * col_scale + bias, float32, in place on one buffer."""
-    y = acc.float() if correction is None else (acc + correction).float()
-    y.mul_(row_scale).mul_(col_scale)
+    """(acc + correction) * row_scale * col_scale + bias, float32, in place on one buffer (the
+    int32 -> float32 conversion happens inside the first multiply)."""
+    if correction is not None:
+        acc = acc + correction
+    y = torch.mul(acc, row_scale) if row_scale.dim() > 0 else acc.float()
+    y.mul_(col_scale)
     if bias is not None:
         y.add_(bias)
     return y
