@@ -183,3 +183,128 @@ def preset(name: str) -> QuantSpec:
         return PRESETS[name.upper()]
     except KeyError:
         raise LowbitError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+# ---- activations: the input / output side of a layer scheme ---------------------------------
+ACT_GRANULARITIES = ("tensor", "token", "channel")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How a layer's activations are quantized (int8 unless `bits` says otherwise).
+
+    dynamic: scales are computed from each input at run time (granularity "token": one scale per
+    row of the flattened input, or "tensor"); static: scales fixed by calibration (`observer`, with
+    granularity "tensor" or "channel" — one per input feature / conv channel). Symmetric int8 is
+    [-127, 127] (the narrow range, so a sign flip is exact and int8 x int8 sums stay in int32);
+    asymmetric is uint8 [0, 255] with an integer zero point.
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "token"
+    dynamic: bool = True
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ACT_GRANULARITIES:
+            raise LowbitError(f"ActSpec.granularity={self.granularity!r} is unknown; choose one of {ACT_GRANULARITIES}")
+        if self.observer not in OBSERVERS:
+            raise LowbitError(f"ActSpec.observer={self.observer!r} is unknown; choose one of {OBSERVERS}")
+        if not 2 <= int(self.bits) <= 8:
+            raise LowbitError(f"ActSpec.bits={self.bits} is outside 2..8")
+        if not self.dynamic and self.granularity == "token":
+            raise LowbitError("a static activation spec has fixed scales: granularity 'tensor' or 'channel', "
+                              "not 'token'")
+        if self.dynamic and self.granularity == "channel":
+            raise LowbitError("a dynamic activation spec quantizes per 'token' or per 'tensor'")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) + 1 if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def as_quant_spec(self) -> QuantSpec:
+        """The QuantSpec with the same range arithmetic (float32 scales; codes one step wider on the
+        negative side, which activations never reach: callers clamp to [qmin, qmax])."""
+        gran = "channel" if self.granularity in ("token", "channel") else "tensor"
+        return QuantSpec(bits=self.bits, symmetric=self.symmetric, granularity=gran, scale_dtype="float32")
+
+    def describe(self) -> str:
+        kind = "dynamic" if self.dynamic else f"static {self.observer}"
+        return f"a{self.bits} {'sym' if self.symmetric else 'asym'} per-{self.granularity} {kind}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActSpec":
+        unknown = set(d) - set(ACT_FIELDS)
+        if unknown:
+            raise LowbitError(f"unknown activation spec keys {sorted(unknown)}; known: {ACT_FIELDS}")
+        return cls(**d)
+
+
+ACT_FIELDS = ("bits", "symmetric", "granularity", "dynamic", "observer")
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """What one module gets: a weight spec, optionally an input-activation spec and an output spec
+    (compressed-tensors' (weights, input_activations, output_activations)). Weight-only is
+    `input=None`, the case every weight method and QuantLinear handles."""
+
+    weight: QuantSpec
+    input: ActSpec | None = None
+    output: ActSpec | None = None
+
+    @property
+    def weight_only(self) -> bool:
+        return self.input is None and self.output is None
+
+    def describe(self) -> str:
+        parts = [f"W {self.weight.describe()}"]
+        if self.input is not None:
+            parts.append(f"in {self.input.describe()}")
+        if self.output is not None:
+            parts.append(f"out {self.output.describe()}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight.to_dict(), "input": None if self.input is None else self.input.to_dict(),
+                "output": None if self.output is None else self.output.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerScheme":
+        def act(v):
+            return None if v is None else ActSpec.from_dict(v)
+
+        return cls(QuantSpec.from_dict(d["weight"]), act(d.get("input")), act(d.get("output")))
+
+
+W8 = QuantSpec(bits=8, symmetric=True, granularity="channel", scale_dtype="float32")
+SCHEMES: dict[str, LayerScheme] = {
+    "w8a8-dynamic": LayerScheme(W8, ActSpec(granularity="token", dynamic=True)),
+    "w8a8-static": LayerScheme(W8, ActSpec(granularity="tensor", dynamic=False)),
+    "w4a8": LayerScheme(QuantSpec(bits=4, symmetric=True, granularity="channel", scale_dtype="float32"),
+                        ActSpec(granularity="token", dynamic=True)),
+}
+
+
+def scheme(name: str, observer: str | None = None) -> LayerScheme:
+    """A named scheme (`SCHEMES`); `observer` replaces a static input spec's observer."""
+    try:
+        s = SCHEMES[name.lower()]
+    except KeyError:
+        raise LowbitError(f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}") from None
+    if observer is not None and s.input is not None:
+        if s.input.dynamic:
+            raise LowbitError(f"--observer {observer} applies to static schemes; {name} is dynamic")
+        from dataclasses import replace
+
+        s = replace(s, input=replace(s.input, observer=observer))
+    return s

