@@ -83,6 +83,7 @@ def record_errors(layers, names: list[str]) -> dict[str, dict]:
     return out
 
 
+@torch.no_grad()
 def measured_errors(original, layers, names: list[str], hessians: dict[str, torch.Tensor]) -> dict[str, dict]:
     """{name: {bits, rel_error, bound, source}} measured against the original's weights."""
     out = {}
@@ -90,7 +91,7 @@ def measured_errors(original, layers, names: list[str], hessians: dict[str, torc
         if name not in layers or name not in hessians:
             continue
         qw = layers[name]
-        W = original.get_submodule(name).weight
+        W = original.get_submodule(name).weight.detach()
         out[name] = {"bits": qw.spec.bits, "rel_error": output_error(W, qw.dequantize(), hessians[name]),
                      "bound": bound(qw.spec.bits), "source": "measured"}
     return out

@@ -84,21 +84,35 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 @torch.no_grad()
-def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], max_length: int = 2048,
+def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], max_length: int = 2048, batch_size: int = 8,
                    progress: bool = True) -> list[tuple[float, bool]]:
-    """(sum of the continuation's log-probabilities, whether greedy decoding gives it) per request."""
-    out = []
-    for context, continuation in tqdm(requests, desc="scoring choices", disable=not progress, unit="request"):
+    """(sum of the continuation's log-probabilities, whether greedy decoding gives it) per request.
+    Requests run `batch_size` at a time, right-padded: a causal model's logits at a sequence's own
+    positions do not depend on the padding after it."""
+    encoded = []
+    for context, continuation in requests:
         if context:
             ctx, cont = encode_pair(tokenizer, context, continuation)
         else:  # lm-eval conditions an empty context on BOS (else EOS)
             prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
             ctx, cont = [prefix], tokenizer.encode(continuation)
-        ids = (ctx + cont)[-(max_length + 1):][:-1]
-        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -len(cont):].float()
-        lp = F.log_softmax(logits, dim=-1)
-        target = torch.tensor(cont)
-        out.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+        encoded.append(((ctx + cont)[-(max_length + 1):][:-1], cont))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    starts = range(0, len(encoded), batch_size)
+    for start in tqdm(starts, desc="scoring choices", disable=not progress, unit="batch"):
+        batch = encoded[start:start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (seq, _) in enumerate(batch):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        for i, (seq, cont) in enumerate(batch):
+            lp = F.log_softmax(logits[i, len(seq) - len(cont):len(seq)].float(), dim=-1)
+            target = torch.tensor(cont)
+            out.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
     return out
 
 
