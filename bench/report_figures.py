@@ -7,7 +7,8 @@ in the same tables), then runs `lowbit report` over all of them and copies the p
 docs/figures/ and the report's JSON to bench/results/report_figures.json.
 
     --out DIR        where checkpoints and the report go (default out/report-figures)
-    --windows N      evaluation windows of 512 tokens (default 16, as `lowbit eval`)
+    --windows N      held-out evaluation windows of 512 tokens (default 8)
+    --questions N    questions of the multiple-choice task (default 50)
     --fresh          quantize again even where a checkpoint exists
 """
 
@@ -43,7 +44,8 @@ def run(*args: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "report-figures")
-    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--questions", type=int, default=50)
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     ckpt_dir = args.out / "ckpt"
@@ -60,7 +62,7 @@ def main() -> None:
     paths.insert(1, gptq_layout)
     report = args.out / "report"
     run(LOWBIT, "report", "default", *map(str, paths), "-o", str(report), "--overwrite",
-        "--windows", str(args.windows))
+        "--windows", str(args.windows), "--task-questions", str(args.questions))
     FIGURES.mkdir(parents=True, exist_ok=True)
     for png in sorted(report.glob("*.png")):
         shutil.copyfile(png, FIGURES / png.name)

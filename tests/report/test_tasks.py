@@ -26,11 +26,11 @@ def test_score_questions_hand_case():
 
 
 @pytest.mark.slow
-def test_own_scoring_equals_lm_eval_loglikelihood_api(smol):
+def test_own_scoring_equals_lm_eval_loglikelihood_api(smol, monkeypatch):
     """The same (context, continuation) requests through lm-eval's HFLM.loglikelihood (its Python
     API, batch 1) and through lowbit's scorer (batched, right-padded) give the same numbers."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -51,3 +51,18 @@ def test_own_scoring_equals_lm_eval_loglikelihood_api(smol):
     qs = pydoc_questions(2, seed=3)
     n = sum(len(q.choices) for q in qs)
     assert score_questions(qs, [x for x, _ in ours[:n]]) == score_questions(qs, [x for x, _ in theirs[:n]])
+
+
+@pytest.mark.slow
+def test_lm_eval_tasks_without_local_data_are_reported_unavailable():
+    """Offline, lm-eval's tasks whose data set is not in the local cache do not load, and say why
+    (the report then falls back to lowbit's own task); the environment is restored after."""
+    pytest.importorskip("lm_eval")
+    from lowbit.eval.lm_eval_tasks import offline_tasks
+
+    before = os.environ.get("HF_DATASETS_OFFLINE")
+    ok, why = offline_tasks(("arc_easy", "no_such_task_xyz"))
+    assert "no_such_task_xyz" in why and "no_such_task_xyz" not in ok
+    assert ok == [] or ok == ["arc_easy"]  # arc_easy only where its data set happens to be cached
+    assert ("arc_easy" in why) != ("arc_easy" in ok)
+    assert os.environ.get("HF_DATASETS_OFFLINE") == before

@@ -71,16 +71,22 @@ def norms_match(original, tensors: dict, atol: float = 1e-3) -> bool:
     return True
 
 
-def record_errors(layers, names: list[str]) -> dict[str, dict]:
-    """{name: {bits, rel_error, bound, source}} from the errors the records hold."""
+def record_summary(layers, names: list[str]) -> dict[str, dict]:
+    """{name: {bits_per_weight, count, bits, error}} of the records among `names`, each record read
+    once (a lazily read checkpoint unpacks a layer on every access)."""
     out = {}
     for name in names:
         if name in layers:
             qw = layers[name]
-            if qw.error is not None:
-                out[name] = {"bits": qw.spec.bits, "rel_error": float(qw.error), "bound": bound(qw.spec.bits),
-                             "source": "record"}
+            out[name] = {"bits_per_weight": qw.bits_per_weight(), "count": qw.codes.numel(), "bits": qw.spec.bits,
+                         "error": None if qw.error is None else float(qw.error)}
     return out
+
+
+def record_errors(summary: dict[str, dict]) -> dict[str, dict]:
+    """{name: {bits, rel_error, bound, source}} from the errors the records hold (`record_summary`)."""
+    return {name: {"bits": s["bits"], "rel_error": s["error"], "bound": bound(s["bits"]), "source": "record"}
+            for name, s in summary.items() if s["error"] is not None}
 
 
 @torch.no_grad()

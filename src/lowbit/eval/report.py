@@ -156,15 +156,15 @@ def load_checkpoint(path: str):
     return model, qm, fmt
 
 
-def disk_bits_per_weight(model, qm, names: list[str]) -> float:
+def disk_bits_per_weight(model, summary: dict | None, names: list[str]) -> float:
     """Storage bits per weight of the decoder blocks' Linears `names`: the records' (codes, fp16
-    scales, zeros, g_idx: lowbit's layout) for quantized ones, the dtype's width for the others."""
+    scales, zeros, g_idx: lowbit's layout; `layer_error.record_summary`) for quantized ones, the
+    dtype's width for the others."""
     bits = n = 0.0
     for name in names:
-        if qm is not None and name in qm.layers:
-            qw = qm.layers[name]
-            count = qw.codes.numel()
-            bits += qw.bits_per_weight() * count
+        if summary is not None and name in summary:
+            count = summary[name]["count"]
+            bits += summary[name]["bits_per_weight"] * count
         else:
             weight = model.get_submodule(name).weight
             count = weight.numel()
@@ -210,10 +210,12 @@ def build_report(original: str, checkpoints: list[str], opts: ReportOptions = Re
     orig_path = default_model_dir() if original == "default" else Path(original)
     names = layer_error.block_linear_names(orig_model)
 
-    loaded = {}
+    loaded, summaries = {}, {}
     for label, ckpt in zip(labels, checkpoints):
         log.info("loading %s", ckpt)
         loaded[label] = (ckpt, *load_checkpoint(ckpt))
+        qm = loaded[label][2]
+        summaries[label] = None if qm is None else layer_error.record_summary(qm.layers, names)
 
     split = load_text(opts.text)
     windows = eval_windows(tokenizer, split.evaluation, opts.seq_len, opts.windows)
@@ -233,7 +235,7 @@ def build_report(original: str, checkpoints: list[str], opts: ReportOptions = Re
         rows.append({"label": label, "path": str(ckpt), "format": fmt, "method": meta.get("method"),
                      "perplexity": q["perplexity"], "kl": q["kl"], "kl_stats": kl_summary(q["kl_values"]),
                      "top1_agreement": q["top1_agreement"],
-                     "bits_per_weight": disk_bits_per_weight(model, qm, names),
+                     "bits_per_weight": disk_bits_per_weight(model, summaries[label], names),
                      "bits_per_weight_memory": bits_per_weight(model), "size_bytes": disk_bytes(ckpt),
                      "memory_bytes": memory_bytes(model), "quantize_stats": meta.get("quantize_stats")})
     del quals
@@ -265,8 +267,8 @@ def build_report(original: str, checkpoints: list[str], opts: ReportOptions = Re
     for label, (ckpt, model, qm, fmt) in loaded.items():
         if qm is None:
             continue
-        errs = layer_error.record_errors(qm.layers, names)
-        missing = [n for n in names if n in qm.layers and n not in errs]
+        errs = layer_error.record_errors(summaries[label])
+        missing = [n for n in summaries[label] if n not in errs]
         note = None
         if missing and opts.layer_windows > 0:
             if not layer_error.norms_match(orig_model, qm.tensors):
