@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -37,8 +35,6 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Report every CKPT against ORIGINAL: report.json, report.md, report.html and PNG plots."""
-        for key, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1")):
-            os.environ.setdefault(key, value)  # nothing is fetched from the hub for a report
         from lowbit.eval.report import ReportOptions, build_report, check_report_inputs, write_report
 
         check_report_inputs(original, checkpoints, out, overwrite, text)
