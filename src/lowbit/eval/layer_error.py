@@ -90,10 +90,11 @@ def record_errors(summary: dict[str, dict]) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def measured_errors(original, layers, names: list[str], hessians: dict[str, torch.Tensor]) -> dict[str, dict]:
+def measured_errors(original, layers, names: list[str], hessians: dict[str, torch.Tensor],
+                    progress: bool = False, desc: str = "layer errors") -> dict[str, dict]:
     """{name: {bits, rel_error, bound, source}} measured against the original's weights."""
     out = {}
-    for name in names:
+    for name in tqdm(names, desc=desc, disable=not progress, unit="layer"):
         if name not in layers or name not in hessians:
             continue
         qw = layers[name]

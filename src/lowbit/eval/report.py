@@ -279,7 +279,8 @@ def build_report(original: str, checkpoints: list[str], opts: ReportOptions = Re
                     ids = calibration_batches(tokenizer, split.calibration, opts.layer_windows, opts.layer_seq_len,
                                               seed=opts.seed)
                     hessians = layer_error.input_hessians(orig_model, ids, opts.progress)
-                errs.update(layer_error.measured_errors(orig_model, qm.layers, missing, hessians))
+                errs.update(layer_error.measured_errors(orig_model, qm.layers, missing, hessians, opts.progress,
+                                                        f"layer errors of {label}"))
         layers[label] = {"layers": {n: errs[n] for n in names if n in errs}, "note": note}
     del hessians
 
