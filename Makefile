@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: venv demo test bench clean bench-venv-gptq bench-venv-llamacpp
+.PHONY: venv demo test bench clean bench-venv-gptq bench-venv-llamacpp figures
 
 venv: .venv/.installed
 
@@ -21,6 +21,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest tests
+
+# the README's report figures (docs/figures/*.png, bench/results/report_figures.json): quantizes the bundled
+# model four ways (reused when present in out/report-figures), then `lowbit report` over them
+figures: venv
+	$(PY) bench/report_figures.py
 
 clean:
 	rm -rf .venv out

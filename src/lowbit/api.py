@@ -59,9 +59,14 @@ def make_recipe(*, method: str = "gptq", bits: int = 4, group_size: int | None =
 
 def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, calib_text: str | None = None,
                 n_samples: int = 64, seq_len: int = 512, overwrite: bool = False, progress: bool = True,
-                state_dir: str | Path | None = None, fmt: str = "lowbit", format_options: dict | None = None):
+                state_dir: str | Path | None = None, fmt: str = "lowbit", format_options: dict | None = None,
+                record_stats: bool = False):
     """Load, quantize per recipe, save atomically to `out` (if given) in format `fmt`; returns
     (model, tokenizer).
+
+    record_stats: store the run's wall time and the process's peak RSS in the checkpoint's
+    metadata (`quantize_stats`, for `lowbit report`); off by default, since it makes the same
+    inputs give different files.
 
     calib_text: None is the stdlib pydoc text for methods that need calibration (a text given to
     one that does not is a warning). A calibrated run writing `out` keeps its state beside it
@@ -72,6 +77,9 @@ def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, ca
     from lowbit.pipeline import quantize_model
     from lowbit.preflight import check_quantize_args
 
+    import time
+
+    started = time.perf_counter()
     writer = format_module(fmt)  # an unknown format fails before any work
     method = get_method(recipe.method, recipe.options)
     split = check_quantize_args(model_source, out, recipe, method, calib_text=calib_text, n_samples=n_samples,
@@ -89,13 +97,23 @@ def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, ca
                                                              "seq_len": seq_len})
     records = quantize_model(model, recipe, method, calib, progress=progress, state_dir=state_dir)
     if out is not None:
+        stats = {"quantize_stats": run_stats(started)} if record_stats else {}
         qm = QuantizedModel.from_model(model, tokenizer, records, method=recipe.method,
                                        options=dataclasses.asdict(method.options), source=str(model_source),
-                                       calibration=(calib_text or "pydoc") if calib is not None else None)
+                                       calibration=(calib_text or "pydoc") if calib is not None else None, **stats)
         writer.write(qm, out, overwrite=overwrite, **(format_options or {}))
     if own_state:
         shutil.rmtree(state_dir, ignore_errors=True)
     return model, tokenizer
+
+
+def run_stats(started: float) -> dict:
+    """Seconds since `started` (time.perf_counter) and this process's peak resident memory so far."""
+    import resource
+    import time
+
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"seconds": round(time.perf_counter() - started, 2), "peak_rss_bytes": int(peak_kib) * 1024}
 
 
 def quantize(model: str = "default", *, method: str = "gptq", bits: int = 4, group_size: int | None = 64,
@@ -104,7 +122,7 @@ def quantize(model: str = "default", *, method: str = "gptq", bits: int = 4, gro
              options: dict | None = None, recipe: Recipe | str | Path | None = None, out: str | Path | None = None,
              calib: str | None = None, samples: int = 64, seq_len: int = 512, overwrite: bool = False,
              state_dir: str | Path | None = None, progress: bool = True, format: str = "lowbit",
-             format_options: dict | None = None):
+             format_options: dict | None = None, record_stats: bool = False):
     """Quantize `model` (a folder, .gguf, hub name or "default") as `lowbit quantize` does and save it
     to `out` when given; returns (model, tokenizer) with QuantLinear kernels in place.
 
@@ -121,7 +139,7 @@ def quantize(model: str = "default", *, method: str = "gptq", bits: int = 4, gro
         recipe = load_recipe(recipe)
     return quantize_to(model, out, recipe, calib_text=calib, n_samples=samples, seq_len=seq_len,
                        overwrite=overwrite, progress=progress, state_dir=state_dir, fmt=format,
-                       format_options=format_options)
+                       format_options=format_options, record_stats=record_stats)
 
 
 def load(path: str | Path):

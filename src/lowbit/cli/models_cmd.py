@@ -65,6 +65,9 @@ def register(app: typer.Typer) -> None:
                                                           "percentile | mse | entropy"),
         smoothquant: Optional[float] = typer.Option(None, help="SmoothQuant migration strength alpha in [0, 1] "
                                                                "(with --scheme)"),
+        record_stats: bool = typer.Option(False, "--record-stats", help="store the run's time and peak RSS in "
+                                                                        "the checkpoint's metadata (for lowbit "
+                                                                        "report; files then differ run to run)"),
     ):
         """Quantize MODEL and save it in lowbit's format."""
         from lowbit import api
@@ -94,7 +97,8 @@ def register(app: typer.Typer) -> None:
                                 options=parse_option_args(option))
         configure(low_memory=low_memory)
         api.quantize_to(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite,
-                        state_dir=state_dir, fmt=fmt, format_options=parse_option_args(format_option))
+                        state_dir=state_dir, fmt=fmt, format_options=parse_option_args(format_option),
+                        record_stats=record_stats)
         typer.echo(f"saved {out}")
 
     @app.command("eval")
