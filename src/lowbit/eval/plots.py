@@ -62,16 +62,20 @@ def quality_vs_bits(report: dict, path: Path) -> None:
 
 
 def speed_vs_size(report: dict, path: Path) -> None:
-    """Decode tokens/s against size on disk (MiB), the original included."""
-    rows = [r for r in report["checkpoints"] if r.get("decode_tokens_per_s") is not None]
+    """Decode tokens/s against size on disk (MiB), the original included: lowbit's runtime where it runs
+    the model, transformers' generate() otherwise."""
+    def tok_s(r):
+        return r.get("runtime_decode_tokens_per_s") or r.get("decode_tokens_per_s")
+
+    rows = [r for r in report["checkpoints"] if tok_s(r) is not None]
     fig, ax = _figure(6, 4.2)
     if not rows:
         ax.text(0.5, 0.5, "speed not measured (--no-speed)", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     for r in rows:
         color = "gray" if r["label"] == "original" else "tab:green"
-        ax.scatter(r["size_bytes"] / 2**20, r["decode_tokens_per_s"], color=color, zorder=2)
-        ax.annotate(r["label"], (r["size_bytes"] / 2**20, r["decode_tokens_per_s"]), textcoords="offset points",
+        ax.scatter(r["size_bytes"] / 2**20, tok_s(r), color=color, zorder=2)
+        ax.annotate(r["label"], (r["size_bytes"] / 2**20, tok_s(r)), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     if rows:
         ax.set_xlabel("size on disk (MiB)")

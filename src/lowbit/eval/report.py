@@ -242,20 +242,22 @@ def build_report(original: str, checkpoints: list[str], opts: ReportOptions = Re
 
     all_models = {"original": orig_model, **models}
     if opts.speed:
-        from lowbit.eval.speed import decode_tokens_per_s, machine_busy, prefill_tokens_per_s
+        from lowbit.eval.speed import (decode_tokens_per_s, machine_busy, prefill_tokens_per_s,
+                                       runtime_decode_tokens_per_s)
 
         busy, load, cores = machine_busy()
         prompt, prefill = windows[:1, :16], windows[:1, :opts.prefill_len]
         for row in _progress(rows, "speed", opts.progress):
             model = all_models[row["label"]]
             row["decode_tokens_per_s"] = decode_tokens_per_s(model, prompt, opts.decode_tokens)
+            row["runtime_decode_tokens_per_s"] = runtime_decode_tokens_per_s(model, prompt, opts.decode_tokens)
             row["prefill_tokens_per_s"] = prefill_tokens_per_s(model, prefill)
         speed_note = {"busy": busy, "load_average": load, "cores": cores, "decode_tokens": opts.decode_tokens,
                       "prompt_tokens": int(prompt.shape[1]), "prefill_tokens": int(prefill.shape[1]),
                       "threads": torch.get_num_threads()}
     else:
         for row in rows:
-            row["decode_tokens_per_s"] = row["prefill_tokens_per_s"] = None
+            row["decode_tokens_per_s"] = row["prefill_tokens_per_s"] = row["runtime_decode_tokens_per_s"] = None
         speed_note = None
 
     task_info = None
