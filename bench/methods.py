@@ -114,7 +114,7 @@ def print_table(res: dict) -> None:
     if not fp:
         return
     print(f"SmolLM2-135M-Instruct; calibration {res.get('calibration')}; eval {res.get('eval')}")
-    print(f"| setting | method | ppl | Δppl vs fp32 | Δppl / RTN's | KL | top-1 |")
+    print("| setting | method | ppl | Δppl vs fp32 | Δppl / RTN's | KL | top-1 |")
     print("|---|---|---:|---:|---:|---:|---:|")
     print(f"| fp32 | - | {fp['perplexity']:.3f} | - | - | 0 | 1.000 |")
     for setting in SETTINGS:

@@ -23,18 +23,25 @@ def check_counts(**counts: int) -> None:
             raise LowbitError(f"{name}={value!r} must be a positive integer")
 
 
-def check_quantize_args(model_source: str, out, recipe, method, *, calib_text: str | None, n_samples: int,
-                        seq_len: int, overwrite: bool) -> TextSplit | None:
-    """Everything about a quantize run that can be checked without loading the model; returns the
-    calibration text's split when the method needs calibration (None otherwise). Stale temporaries
-    of an interrupted save of `out` are removed."""
-    check_counts(n_samples=n_samples, seq_len=seq_len)
+def check_source_and_output(model_source: str, out, overwrite: bool) -> tuple[str, Path | None]:
+    """The model to quantize is not already a lowbit checkpoint; `out` may be written (stale
+    temporaries of an interrupted save of it are removed). Returns `resolve_source`'s (kind, path)."""
     kind, path = resolve_source(model_source)
     if kind == "checkpoint":
         raise LowbitError(f"{path} is a lowbit checkpoint, already quantized; quantize the original model instead")
     if out is not None:
         check_output_dir(out, overwrite, protect=(path,) if path is not None else ())
         remove_stale_temporaries(Path(out).expanduser())
+    return kind, path
+
+
+def check_quantize_args(model_source: str, out, recipe, method, *, calib_text: str | None, n_samples: int,
+                        seq_len: int, overwrite: bool) -> TextSplit | None:
+    """Everything about a quantize run that can be checked without loading the model; returns the
+    calibration text's split when the method needs calibration (None otherwise). Stale temporaries
+    of an interrupted save of `out` are removed."""
+    check_counts(n_samples=n_samples, seq_len=seq_len)
+    kind, path = check_source_and_output(model_source, out, overwrite)
     split = None
     if method.needs_calibration:
         split = load_text(calib_text or "pydoc")

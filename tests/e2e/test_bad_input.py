@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.api import make_spec

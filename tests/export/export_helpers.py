@@ -1,6 +1,5 @@
 """Helpers for the format tests: quantized tiny models, logits comparisons."""
 
-import pytest
 import torch
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return", "1, 2, 3, 4,"]

@@ -20,6 +20,7 @@ from torch import nn
 from lowbit.core import int8
 from lowbit.core.quantize import QuantizedWeight, quantize
 from lowbit.errors import LowbitError
+from lowbit.nn.held_buffers import HoldsQuantBuffers
 from lowbit.spec import ActSpec, LayerScheme
 
 
@@ -45,7 +46,7 @@ def _act_params(spec: ActSpec, scale: torch.Tensor | None, zero: torch.Tensor | 
 ACT_TENSORS = ("input_scale", "input_zero", "output_scale", "output_zero")  # saved as `<name>.<tensor>`
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(HoldsQuantBuffers):
     def __init__(self, in_features: int, out_features: int, scheme: LayerScheme, bias: bool = True,
                  name: str = "Int8Linear"):
         super().__init__()
@@ -118,16 +119,8 @@ class Int8Linear(nn.Module):
         return QuantizedWeight(self.weight_codes.clone(), self.weight_scale.reshape(-1, 1).clone(), None,
                                self.scheme.weight)
 
-    def _apply(self, fn, recurse=True):
-        """`.to(dtype)` keeps codes and scales as they are (only the bias follows)."""
-        held = {n: b for n, b in self._buffers.items() if n != "bias" and b is not None}
-        for n in held:
-            self._buffers[n] = None
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            self._buffers.update(held)
-            self._derived = None
+    def _after_apply(self) -> None:
+        self._derived = None
 
     # ---- compute ------------------------------------------------------------------------
     def _prepared(self):

@@ -23,13 +23,13 @@ Built from a quantized-layer record (`from_quantized`); the record is the only p
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from lowbit.core.formats import codebook
 from lowbit.core.packing import pack_bits, packed_len
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.nn import cpu_kernels, cpu_layout, dequant
+from lowbit.nn.held_buffers import HoldsQuantBuffers
 from lowbit.spec import QuantSpec
 
 BF16 = torch.bfloat16
@@ -55,7 +55,7 @@ def regular_perm(g_idx: torch.Tensor, group_size: int | None) -> torch.Tensor | 
     return perm if torch.equal(g_idx.to(torch.int64)[perm], want) else None
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(HoldsQuantBuffers):
     """y = x @ W.T + b with W held as packed quantized codes (see module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
@@ -120,17 +120,6 @@ class QuantLinear(nn.Module):
         if bias is not None:
             m.bias = bias.detach().float().clone()
         return m
-
-    def _apply(self, fn, recurse=True):
-        """`.to(dtype)` / `.half()` must not re-round the quantization parameters: only the bias
-        follows the cast; codes, scales, zeros and tables keep their dtypes."""
-        held = {n: b for n, b in self._buffers.items() if n != "bias" and b is not None}
-        for n in held:
-            self._buffers[n] = None
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            self._buffers.update(held)
 
     # ---- compute ------------------------------------------------------------------------
     def _kernel_args(self):

@@ -93,28 +93,19 @@ def quantize_act_to(model_source: str, out, scheme_name: str, *, observer: str |
                     seq_len: int = 512, overwrite: bool = False, progress: bool = True):
     """`lowbit quantize MODEL --scheme ...`: check everything that can be checked before loading,
     load, quantize, save atomically to `out` (when given); returns (model, tokenizer)."""
-    from pathlib import Path
-
     from lowbit.calibration import calibration_batches, load_text
     from lowbit.export.lowbit import write
-    from lowbit.io.atomic import check_output_dir, remove_stale_temporaries
     from lowbit.models import load_model
     from lowbit.models.arch import arch_for
-    from lowbit.models.loader import resolve_source
     from lowbit.pipeline import check_finite
-    from lowbit.preflight import check_counts
+    from lowbit.preflight import check_counts, check_source_and_output
     from lowbit.ptq.smoothquant import smooth_scales
 
     s = scheme(scheme_name, observer)  # unknown scheme / observer: before any work
     if smoothquant is not None:
         smooth_scales(torch.ones(1), torch.ones(1), smoothquant)
     check_counts(n_samples=n_samples, seq_len=seq_len)
-    kind, path = resolve_source(model_source)
-    if kind == "checkpoint":
-        raise LowbitError(f"{path} is a lowbit checkpoint, already quantized; quantize the original model instead")
-    if out is not None:
-        check_output_dir(out, overwrite, protect=(path,) if path is not None else ())
-        remove_stale_temporaries(Path(out).expanduser())
+    check_source_and_output(model_source, out, overwrite)
     needs_data = smoothquant is not None or not s.input.dynamic or scheme_name == "w4a8"
     split = load_text(calib_text or "pydoc") if needs_data else None
     model, tokenizer = load_model(model_source)
