@@ -9,7 +9,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi", "-mavx512bf16", "-mfma", "-mf16c"]
 
 setup(
-    ext_modules=[CppExtension("lowbit._cpu", ["csrc/qmatmul.cpp", "csrc/decoder.cpp"], depends=["csrc/gemv.h"],
-                              extra_compile_args=["-O3", "-fopenmp", *ISA], extra_link_args=["-fopenmp"])],
+    ext_modules=[CppExtension("lowbit._cpu", ["csrc/qmatmul.cpp", "csrc/decoder.cpp", "csrc/int8.cpp"], depends=["csrc/gemv.h"],
+                              extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp", *ISA], extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension},
 )

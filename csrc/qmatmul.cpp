@@ -1,5 +1,6 @@
 // lowbit's CPU kernels for QuantLinear, bound as lowbit._cpu: qmatmul (few-row GEMV over packed codes),
-// dequant (dense bf16 weight for prefill), and the decoder runtime (decoder.cpp). Layouts and modes: gemv.h.
+// dequant (dense bf16 weight for prefill), the decoder runtime (decoder.cpp) and the int8 layers' quantize /
+// rescale passes (int8.cpp). Layouts and modes: gemv.h.
 #include "gemv.h"
 
 namespace {
@@ -114,10 +115,12 @@ bool cpu_supported() {
 }  // namespace
 
 void register_decoder(pybind11::module& m);  // decoder.cpp
+void register_int8(pybind11::module& m);     // int8.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_supported", &cpu_supported, "whether this CPU has the instructions the kernels use");
   m.def("qmatmul", &qmatmul, "y = x @ W^T + bias from packed codes (few rows)");
   m.def("dequant", &dequant, "the dense bf16 weight from packed codes");
   register_decoder(m);
+  register_int8(m);
 }

@@ -131,3 +131,25 @@ def test_bad_shapes_name_the_module():
     with pytest.raises(LowbitError, match="symmetric per-channel"):
         Int8Linear(8, 4, LayerScheme(scheme("w8a8-dynamic").weight.__class__(bits=4, granularity="group",
                                                                                group_size=4), DYN.input))
+
+
+@pytest.mark.skipif(__import__("lowbit.nn.cpu_kernels", fromlist=["load"]).load() is None,
+                    reason="lowbit._cpu not built for this CPU")
+@pytest.mark.parametrize("name", ["dynamic", "static", "static-asym"])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (37, 100, 30), (256, 384, 1536)])
+def test_compiled_quantize_and_rescale_equal_the_torch_ops(monkeypatch, name, m, k, n):
+    """lowbit._cpu's one-pass quantize / rescale give bit-identical outputs to core.int8's torch ops."""
+    g = torch.Generator().manual_seed(m * 7 + n)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, 0] = 40.0  # an outlier
+    if name == "dynamic":
+        mod = Int8Linear.from_float(lin, DYN)
+    else:
+        s = STATIC if name == "static" else LayerScheme(STATIC.weight, ActSpec(granularity="tensor", dynamic=False, symmetric=False))
+        mod = Int8Linear.from_float(lin, s, range_qparams(*minmax_range(x), s.input))
+    fused = mod(x)
+    monkeypatch.setenv("LOWBIT_KERNELS", "torch")
+    assert torch.equal(fused, mod(x))

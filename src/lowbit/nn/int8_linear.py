@@ -20,6 +20,7 @@ from torch import nn
 from lowbit.core import int8
 from lowbit.core.quantize import QuantizedWeight, quantize
 from lowbit.errors import LowbitError
+from lowbit.nn import cpu_kernels
 from lowbit.nn.held_buffers import HoldsQuantBuffers
 from lowbit.spec import ActSpec, LayerScheme
 
@@ -142,8 +143,15 @@ class Int8Linear(HoldsQuantBuffers):
     def linear2d(self, x2: torch.Tensor) -> torch.Tensor:
         w_t, inv, zero, corr, out_scale = self._prepared()
         a = self.scheme.input
-        if a.dynamic:
+        ext = cpu_kernels.load()  # the quantize / rescale passes in one loop each, bit-identical to core.int8
+        if a.dynamic and a.granularity == "token" and a.bits == 8 and ext is not None:
+            q, s = ext.quantize_rows_i8(x2)
+            y = ext.rescale_i32(int8.int_matmul(q, w_t), s, out_scale, self.bias, None)
+        elif a.dynamic:
             y = int8.dynamic_linear(x2, w_t, out_scale, self.bias, per_token=a.granularity == "token", bits=a.bits)
+        elif ext is not None:
+            q = int8.quantize_static(x2, inv, zero, a.qmin, a.qmax)
+            y = ext.rescale_i32(int8.int_matmul(q, w_t), None, out_scale, self.bias, corr)
         else:
             y = int8.static_linear(x2, w_t, out_scale, self.bias, inv, zero, corr, a.qmin, a.qmax)
         o = self.scheme.output
