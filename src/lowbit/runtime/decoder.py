@@ -1,12 +1,15 @@
 """lowbit's batch-1 runtime for Llama-family decoders: greedy generation without transformers' per-token
 machinery, over the model's own modules (QuantLinear kernels or plain Linears).
 
-Per token: one fused q/k/v GEMV and one fused gate/up GEMV per block (the fused layers' buffers are
-the originals' storage, viewed — no second copy), RoPE cos/sin computed once per position by the
-model's own rotary module, a preallocated KV cache, and scaled_dot_product_attention over it. Prefill
-runs the same code over the whole prompt (causal attention; QuantLinear takes its dequantize + bf16
-GEMM path for many rows). Output equals the Hugging Face forward of the same model up to float
-summation order (tests/runtime/test_decoder.py).
+One fused q/k/v GEMV and one fused gate/up GEMV per block (the fused layers' buffers are the
+originals' storage, viewed — no second copy), RoPE cos/sin computed once per position by the
+model's own rotary module, a preallocated KV cache. When every block's projections run on lowbit's
+compiled kernels (an fp32 model with QuantLinear layers), a decode step is one call into
+lowbit._cpu.Decoder (csrc/decoder.cpp: the whole step in C++, float16 KV cache); otherwise it runs
+the same steps as torch ops. Prefill runs torch ops over the whole prompt (causal attention;
+QuantLinear takes its dequantize + bf16 GEMM path for many rows). Output equals the Hugging Face
+forward of the same model up to float summation order (fp32 models) or bf16 / float16 rounding
+(quantized ones) (tests/runtime/test_decoder.py).
 
 Supported: model types whose attention is plain RoPE + GQA with RMSNorm (llama, mistral, qwen2);
 `supports(model)` says whether a model qualifies, and callers use `generate()` otherwise.
