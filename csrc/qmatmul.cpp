@@ -61,6 +61,40 @@ void dequant_rows(const Layer& L, const Unpack& U, const __m512 tab, uint16_t* o
   }
 }
 
+// codes of at most 5 bits: each group's 2^bits values computed once (the same fma as above) and
+// rounded to bf16 into a 32-entry table; then one permute turns 32 codes into 32 bf16 weights
+template <int LAYOUT>
+void dequant_rows_lut(const Layer& L, const Unpack& U, const __m512 tab, uint16_t* o, int64_t a, int64_t e) {
+  const int64_t bb = block_bytes(L);
+  const __m512 idx = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 off = _mm512_set1_ps(L.mode == 0 ? static_cast<float>(L.offset) : 0.f);
+  const __m512 base_lo = L.mode == 3 ? tab : _mm512_sub_ps(idx, off);
+  const __m512 base_hi = L.mode == 3 ? _mm512_setzero_ps() : _mm512_sub_ps(_mm512_add_ps(idx, _mm512_set1_ps(16.f)), off);
+  for (int64_t n = a; n < e; ++n) {
+    const uint8_t* row = L.codes + n * L.row_bytes;
+    int64_t cur = -1;
+    __m512i lut = _mm512_setzero_si512();
+    for (int64_t blk = 0; blk < L.k / 64; ++blk) {
+      __m512i c[2];
+      codes64<LAYOUT>(U, row + blk * bb, c[0], c[1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t k0 = blk * 64 + h * 32, g = k0 / L.group;
+        if (g != cur) {
+          const float s = load1(L.scale, L.sdtype, n * L.s_row + g);
+          const float z = L.mode == 1 ? load1(L.zero, L.sdtype, n * L.z_row + g) * s
+                                      : (L.mode == 2 ? load1(L.zero, L.sdtype, n * L.z_row + g) : 0.f);
+          const __m512 sv = _mm512_set1_ps(s), bv = _mm512_set1_ps(-z);
+          const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(base_lo, sv, bv));
+          const __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(base_hi, sv, bv));
+          lut = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+          cur = g;
+        }
+        _mm512_storeu_si512(o + n * L.k + k0, _mm512_permutexvar_epi16(c[h], lut));
+      }
+    }
+  }
+}
+
 at::Tensor dequant(const at::Tensor& qweight, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                    const c10::optional<at::Tensor>& table, int64_t bits, int64_t layout, int64_t k, int64_t group,
                    int64_t mode, int64_t offset) {
@@ -95,6 +129,15 @@ at::Tensor dequant(const at::Tensor& qweight, const at::Tensor& scale, const c10
   const __m512 tab = _mm512_load_ps(tv);
   Unpack U(L.bits);
   over_rows(L.n, 1, [&](int64_t a, int64_t e) {
+    if (L.bits <= 5) {
+      switch (L.layout) {
+        case B4: dequant_rows_lut<B4>(L, U, tab, o, a, e); break;
+        case B2: dequant_rows_lut<B2>(L, U, tab, o, a, e); break;
+        case B3: dequant_rows_lut<B3>(L, U, tab, o, a, e); break;
+        default: dequant_rows_lut<GENERIC>(L, U, tab, o, a, e);
+      }
+      return;
+    }
     switch (L.layout) {
       case B4: dequant_rows<B4>(L, U, tab, o, a, e); break;
       case B2: dequant_rows<B2>(L, U, tab, o, a, e); break;
