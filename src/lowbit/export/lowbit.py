@@ -24,6 +24,7 @@ from lowbit.core.packing import pack_bits, unpack_bits
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.export.model import QuantizedModel
+from lowbit.io import manifest as io_manifest
 from lowbit.io.atomic import atomic_dir, check_output_dir
 from lowbit.io.tensor_file import SafetensorsReader
 from lowbit.spec import QuantSpec
@@ -140,16 +141,8 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False) -> Pa
 
 
 def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    file = path / MANIFEST
-    if not file.is_file():
-        raise LowbitError(f"{path} is not a lowbit checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads(file.read_text())
-    except ValueError as e:
-        raise LowbitError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise LowbitError(f"{file} is not a lowbit manifest")
+    manifest = io_manifest.read_manifest(path, MANIFEST, FORMAT, "lowbit checkpoint")
+    file = Path(path) / MANIFEST
     if manifest.get("format_version", 1) > FORMAT_VERSION:
         raise LowbitError(f"{file} has format version {manifest['format_version']}; this lowbit reads up to "
                           f"{FORMAT_VERSION}: upgrade lowbit")

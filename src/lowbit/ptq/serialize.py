@@ -13,6 +13,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_dir, check_output_dir
+from lowbit.io.manifest import read_manifest
 from lowbit.nn.int8_conv import Int8Conv2d
 from lowbit.nn.int8_linear import Int8Linear
 from lowbit.nn.replace import replace_linear
@@ -49,15 +50,7 @@ def empty_int8(mod: nn.Module, scheme: LayerScheme, name: str) -> nn.Module:
 def load(model: nn.Module, path: str | Path) -> nn.Module:
     """`model`: a fresh float instance of the saved model's architecture (its weights are replaced)."""
     path = Path(path)
-    file = path / MANIFEST
-    if not file.is_file():
-        raise LowbitError(f"{path} is not a saved lowbit PTQ model (no {MANIFEST})")
-    try:
-        manifest = json.loads(file.read_text())
-    except ValueError as e:
-        raise LowbitError(f"{file} is not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise LowbitError(f"{file} is not a lowbit PTQ manifest")
+    manifest = read_manifest(path, MANIFEST, FORMAT, "saved lowbit PTQ model")
     model.eval()
     fold_batchnorm(model, [tuple(p) for p in manifest["folded"]])
     for name, d in manifest["plan"].items():
