@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.io.atomic import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +57,14 @@ class ReportOptions:
 # checks before any model loads
 
 
-def _within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def check_report_dir(out: str | Path, overwrite: bool, protect: tuple = ()) -> Path:
-    """Refuse an output folder before any work: the current folder or a parent of it, a folder
-    holding an input, an existing folder without `overwrite`, and with `overwrite` anything but an
-    earlier report (a folder with report.json) or an empty folder."""
-    out = Path(out).expanduser()
-    resolved = out.resolve()
-    if _within(Path.cwd().resolve(), resolved):
-        raise LowbitError(f"output folder {out} is the current folder or one of its parents; name a new folder, "
-                          "e.g. -o report")
-    for p in protect:
-        p = Path(p).expanduser()
-        if p.exists() and _within(p.resolve(), resolved):
-            raise LowbitError(f"output folder {out} would replace the input {p}; choose another output folder")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise LowbitError(f"output {out} exists and is not a folder; choose another output folder")
-        if not overwrite:
-            raise LowbitError(f"output folder {out} exists; pass --overwrite to replace it")
-        if any(out.iterdir()) and not (out / REPORT_JSON).is_file():
-            raise LowbitError(f"output folder {out} holds no {REPORT_JSON} and is not empty; --overwrite only "
-                              "replaces an earlier report or an empty folder: choose another output folder")
-    parent = resolved.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise LowbitError(f"cannot create output folder {out}: {parent} is not a writable folder")
-    return out
+    """Refuse an output folder before any work (io.atomic.check_output_dir's rules); with `overwrite`
+    only an earlier report (a folder with report.json) or an empty folder is replaced."""
+    return check_output_dir(
+        out, overwrite, protect, replaceable=lambda p: (p / REPORT_JSON).is_file(),
+        hint="name a new folder, e.g. -o report",
+        refusal=f"output folder {{path}} holds no {REPORT_JSON} and is not empty; --overwrite only replaces an "
+                "earlier report or an empty folder: choose another output folder")
 
 
 def check_report_inputs(original: str, checkpoints: list[str], out, overwrite: bool, text: str) -> None:

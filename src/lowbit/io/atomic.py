@@ -7,6 +7,8 @@ such leftovers of processes that no longer run (`remove_stale_temporaries`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import contextlib
 import json
 import logging
@@ -43,16 +45,18 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output_dir(path: str | Path, overwrite: bool, protect: tuple = ()) -> Path:
+def check_output_dir(path: str | Path, overwrite: bool, protect: tuple = (), *,
+                     replaceable: Callable[[Path], bool] | None = None, refusal: str | None = None,
+                     hint: str = "name a new folder for the checkpoint, e.g. -o out/model-w4") -> Path:
     """Refuse an output folder before any work: the current folder or one of its parents, a folder
     holding one of the `protect` paths (the input model), an existing folder without `overwrite`,
-    and with `overwrite` anything but a quantized checkpoint or an empty folder. Returns the path."""
+    and with `overwrite` anything but an empty folder or one `replaceable` accepts (default: a
+    quantized checkpoint; `refusal` then says what else may be replaced). Returns the path."""
     path = Path(path).expanduser()
     resolved = path.resolve()
     cwd = Path.cwd().resolve()
     if _within(cwd, resolved):
-        raise LowbitError(f"output folder {path} is the current folder or one of its parents; "
-                          "name a new folder for the checkpoint, e.g. -o out/model-w4")
+        raise LowbitError(f"output folder {path} is the current folder or one of its parents; {hint}")
     for p in protect:
         p = Path(p).expanduser()
         if p.exists() and _within(p.resolve(), resolved):
@@ -62,8 +66,9 @@ def check_output_dir(path: str | Path, overwrite: bool, protect: tuple = ()) -> 
             raise LowbitError(f"output {path} exists and is not a folder; choose another output folder")
         if not overwrite:
             raise LowbitError(f"output folder {path} exists; pass --overwrite to replace it")
-        if any(path.iterdir()) and not is_quantized_checkpoint(path):
-            raise LowbitError(f"output folder {path} is not a lowbit checkpoint (no {MANIFEST}, no quantization_config) "
+        if any(path.iterdir()) and not (replaceable or is_quantized_checkpoint)(path):
+            raise LowbitError(refusal.format(path=path) if refusal else
+                              f"output folder {path} is not a lowbit checkpoint (no {MANIFEST}, no quantization_config) "
                               "and not empty; --overwrite only replaces quantized checkpoints or empty folders: "
                               "choose another output folder or remove it yourself")
     parent = resolved.parent
