@@ -1,6 +1,6 @@
 """lowbit's runtime against llama.cpp on this CPU: decode, prefill, memory after load, quantize peak.
 
-    nice .venv/bin/python bench/kernels.py [--contexts 64,1024] [--rounds 3] [--memory] [--quantize-memory]
+    nice .venv/bin/python bench/kernels.py [--contexts 64,1024] [--rounds 3] [--memory] [--quantize-memory] [--prefill-quality]
 
 Side by side in one run, SmolLM2-135M, batch 1, 2 threads, greedy, the same random prompt ids:
 - llama.cpp (llama-cpp-python, its own venv bench/.venv-llamacpp) on Q4_0 and Q8_0 files it quantizes
@@ -8,7 +8,10 @@ Side by side in one run, SmolLM2-135M, batch 1, 2 threads, greedy, the same rand
 - lowbit's runtime (lowbit.runtime.decoder over QuantLinear kernels) for the matching types — W4 g32
   sym (Q4_0's grid) and W8 per-channel, both with an int8 lm_head as llama.cpp keeps token_embd/output
   at Q8_0 in these files — and W3 / W2 / NF4 g32 against W4; fp32 and bf16 dense;
-  decode tok/s at each context and 512-token prefill tok/s;
+  decode tok/s at each context and 512-token prefill tok/s (int8 activations in blocks of 32 through the
+  integer-code layers, as llama.cpp does; "bf16-act prefill" is the same model with bf16 activations);
+- with --prefill-quality, the perplexity cost of those int8 activations: held-out python-docs windows
+  through the W4 g32 and W8 models with every decoder projection on bf16 vs int8 activations;
 - with --memory, in a fresh process per checkpoint (saved in lowbit's format): RSS after the imports
   (torch, transformers, lowbit, tokenizers and the model/tokenizer modules loading uses), after
   loading the checkpoint (weights and tokenizer), and the peak during two 512-token
@@ -115,6 +118,31 @@ def decode_speed(decoder, prompt, contexts, new_tokens):
     return out
 
 
+def int8_activation_quality(base, tok, windows: int) -> dict:
+    """Perplexity on held-out python-docs windows of W4 g32 / W8 with bf16 vs int8 prefill activations."""
+    import copy
+
+    from lowbit.calibration import eval_windows, load_text_or_pydoc
+    from lowbit.eval.quality import quality_many
+    from lowbit.nn import QuantLinear
+
+    _, split = load_text_or_pydoc("python-docs")
+    ids = eval_windows(tok, split.evaluation, 512, windows)
+    out = {}
+    for n in ("W4 g32", "W8"):
+        model = build(base, n)
+        int8 = copy.deepcopy(model)
+        for name, m in int8.named_modules():  # the decoder projections; the head runs one row in prefill
+            if isinstance(m, QuantLinear) and m.takes_int8_activations and name != "lm_head":
+                m.forward = m.forward_int8_activations
+        orig, res = quality_many(base, {"bf16": model, "int8": int8}, ids, progress=False)
+        out[n] = {"fp32_perplexity": orig["perplexity"], "bf16_acts_perplexity": res["bf16"]["perplexity"],
+                  "int8_acts_perplexity": res["int8"]["perplexity"], "int8_acts_kl": res["int8"]["kl"],
+                  "windows": int(ids.shape[0])}
+        print(f"prefill quality {n}: {out[n]}", file=sys.stderr, flush=True)
+    return out
+
+
 def prefill_speed(decoder, prompt, n=512):
     import torch
 
@@ -197,6 +225,8 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--quantize-memory", action="store_true")
+    ap.add_argument("--prefill-quality", action="store_true")
+    ap.add_argument("--quality-windows", type=int, default=16)
     ap.add_argument("--work", default=str(HERE / "out" / "kernels"))
     ap.add_argument("--out", default=str(HERE / "results" / "kernels.json"))
     args = ap.parse_args()
@@ -230,6 +260,9 @@ def main():
         names, files = [], {}
     decoders = {n: Decoder(build(base, n), max(contexts) + args.new_tokens + 8) for n in names}
     results = {n: {"decode_tok_s": {str(c): 0.0 for c in contexts}, "prefill_tok_s": 0.0} for n in names}
+    bf16_act = {n: Decoder(decoders[n].model, 520, int8_prefill=False) for n in names if n in MATCH}
+    for n in bf16_act:
+        results[n]["bf16_act_prefill_tok_s"] = 0.0
     results.update({f"llama.cpp {ft}": {"decode_tok_s": {str(c): 0.0 for c in contexts}} for ft in files})
     for rnd in range(args.rounds):  # round-robin so background load hits every entry alike
         for ft, path in files.items():
@@ -243,6 +276,9 @@ def main():
             for c, v in decode_speed(dec, prompt, contexts, args.new_tokens).items():
                 d[c] = max(d[c], v)
             results[n]["prefill_tok_s"] = max(results[n]["prefill_tok_s"], prefill_speed(dec, prompt))
+            if n in bf16_act:
+                results[n]["bf16_act_prefill_tok_s"] = max(results[n]["bf16_act_prefill_tok_s"],
+                                                          prefill_speed(bf16_act[n], prompt))
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
     ratios = {}
@@ -258,6 +294,9 @@ def main():
     if "W4 g32" in decoders:
         ratios["W4 g32 / bf16 prefill 512"] = results["W4 g32"]["prefill_tok_s"] / results["bf16"]["prefill_tok_s"]
         ratios["W4 g32 / fp32 prefill 512"] = results["W4 g32"]["prefill_tok_s"] / results["fp32"]["prefill_tok_s"]
+        ratios["W4 g32 bf16-act / bf16 prefill 512"] = (results["W4 g32"]["bf16_act_prefill_tok_s"]
+                                                       / results["bf16"]["prefill_tok_s"])
+    prefill_quality = int8_activation_quality(base, tok, args.quality_windows) if args.prefill_quality else {}
 
     memory = {}
     if args.memory:
@@ -282,10 +321,12 @@ def main():
             "new_tokens": args.new_tokens, "rounds": args.rounds}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios, "memory": memory,
-                                          "quantize_memory": quant}, indent=1))
+                                          "quantize_memory": quant, "prefill_quality": prefill_quality}, indent=1))
     for n, r in results.items():
         dec = "  ".join(f"@{c}: {v:6.1f}" for c, v in r["decode_tok_s"].items())
         pf = f"  prefill {r['prefill_tok_s']:7.1f}" if "prefill_tok_s" in r else ""
+        if "bf16_act_prefill_tok_s" in r:
+            pf += f" (bf16 activations {r['bf16_act_prefill_tok_s']:7.1f})"
         print(f"{n:20s} decode tok/s {dec}{pf}")
     for k, v in ratios.items():
         print(f"{k:45s} {v:5.2f}")
@@ -293,6 +334,9 @@ def main():
         print(f"{n:10s} RSS load-imports {(r['loaded'] - r['imports']) / 2**20:6.0f} MiB = {r['load_over_model']:.2f} x "
               f"model bytes ({r['model_bytes'] / 2**20:.0f} MiB), {r['load_without_tokenizer_over_model']:.2f} x without "
               f"the tokenizer ({r['tokenizer'] / 2**20:.0f} MiB); 512-token forward peak +{r['forward_extra_mib']:.0f} MiB")
+    for n, r in prefill_quality.items():
+        print(f"{n} perplexity: fp32 {r['fp32_perplexity']:.4f}, bf16 activations {r['bf16_acts_perplexity']:.4f}, "
+              f"int8 prefill activations {r['int8_acts_perplexity']:.4f}")
     for n, r in quant.items():
         print(f"{n}: peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {r['seconds']:.0f} s")
 

@@ -159,6 +159,7 @@ bool cpu_supported() {
 
 void register_decoder(pybind11::module& m);  // decoder.cpp
 void register_int8(pybind11::module& m);     // int8.cpp
+void register_qgemm_i8(pybind11::module& m);  // qgemm_i8.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_supported", &cpu_supported, "whether this CPU has the instructions the kernels use");
@@ -166,4 +167,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "the dense bf16 weight from packed codes");
   register_decoder(m);
   register_int8(m);
+  register_qgemm_i8(m);
 }

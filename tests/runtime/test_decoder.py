@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit import QuantSpec
-from lowbit.nn import cpu_kernels
+from lowbit.nn import QuantLinear, cpu_kernels
 from lowbit.runtime.decoder import Decoder, supports
 
 
@@ -58,15 +58,32 @@ def test_greedy_tokens_equal_hf_generate_on_smollm2(smol):
                                   QuantSpec(8, "int", True, "channel")], ids=["w4g64", "w3g64a", "w8"])
 def test_quantized_decode_matches_hf_forward_of_the_same_model(tiny, spec):
     """Decode steps run the GEMV kernels (bf16 activations), the HF forward over many rows the bf16
-    dequantize + GEMM path: they differ by bf16 rounding only."""
+    dequantize + GEMM path: they differ by bf16 rounding only (prefill on bf16 activations here too;
+    the int8 prefill has its own test below)."""
     model = _quantized(tiny, spec)
     ids = torch.randint(100, 40000, (20,), generator=torch.Generator().manual_seed(1))
     ref = _hf_logits(model, ids)
-    dec = Decoder(model, 32)
+    dec = Decoder(model, 32, int8_prefill=False)
     assert (dec.native is not None) == (cpu_kernels.load() is not None)  # decode steps in lowbit._cpu.Decoder
     got = torch.stack([dec.forward(ids[:12], 0)] + [dec.forward(ids[p:p + 1], p) for p in range(12, 20)]).float()
     err = (got - ref[11:]).abs().max() / ref.std()
     assert err < 0.02, float(err)
+
+
+@pytest.mark.skipif(cpu_kernels.load() is None or not cpu_kernels.vnni(), reason="no VNNI kernels here")
+def test_int8_prefill_runs_every_projection_on_int8_activations_close_to_bf16(tiny, monkeypatch):
+    """Prefill multiplies every integer-code projection with int8 activations (blocks of 32); the last
+    position's logits stay within activation rounding of the bf16 prefill and rank the same top token."""
+    model = _quantized(tiny, QuantSpec(4, "int", True, "group", 64))
+    ids = torch.randint(100, 40000, (24,), generator=torch.Generator().manual_seed(3))
+    bf16 = Decoder(model, 32, int8_prefill=False).forward(ids, 0)
+    calls = []
+    real = QuantLinear.forward_int8_activations
+    monkeypatch.setattr(QuantLinear, "forward_int8_activations", lambda m, x: calls.append(m) or real(m, x))
+    int8 = Decoder(model, 32).forward(ids, 0)
+    assert len(calls) == 4 * len(model.model.layers)  # fused qkv, o, fused gate/up, down
+    assert (int8 - bf16).abs().max() / bf16.std() < 0.05
+    assert int(int8.argmax()) == int(bf16.argmax())
 
 
 @pytest.mark.skipif(cpu_kernels.load() is None, reason="lowbit._cpu not built for this CPU")

@@ -46,6 +46,13 @@ def ext():
     return _extension()
 
 
+@functools.cache
+def vnni() -> bool:
+    """Whether this CPU runs `qgemm_i8` (AVX-512 VNNI), for layers built on the kernels."""
+    ext_ = _extension()
+    return ext_ is not None and ext_.vnni_supported()
+
+
 def mode(spec: QuantSpec) -> int | None:
     """The kernel's dequantization mode for a spec, or None when the kernels do not cover it."""
     if spec.is_codebook:

@@ -11,7 +11,8 @@ Compute (`kernel`):
   "cpu"    lowbit's compiled kernels (csrc/qmatmul.cpp): for up to `GEMV_MAX_ROWS` input rows a
            GEMV that unpacks codes in registers and never materialises the weight; for more rows
            (prefill) the weight is dequantized to bf16 (one layer's scratch) and multiplied by a
-           dense bf16 GEMM.
+           dense bf16 GEMM. `forward_int8_activations` (the runtime's prefill) instead quantizes the
+           input to int8 in blocks of 32 and multiplies with VNNI (csrc/qgemm_i8.cpp).
   "torch"  the same arithmetic in plain torch (layouts the kernels do not cover: fp8, 7-bit, K or
            groups not multiples of 32, irregular g_idx; or no compiled kernels on this machine).
 Both compute in bf16 activations x the exact weight values with fp32 accumulation and agree within
@@ -158,6 +159,22 @@ class QuantLinear(HoldsQuantBuffers):
             y = torch.mm(xs.to(BF16), self._stored_dense(BF16).t()).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def takes_int8_activations(self) -> bool:
+        """Whether `forward_int8_activations` runs here: integer codes on the compiled kernels, a VNNI CPU."""
+        return (self.kernel == "cpu" and cpu_kernels.mode(self.spec) != cpu_kernels.MODE_TABLE
+                and cpu_kernels.vnni())
+
+    def forward_int8_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x @ W.T + b with x quantized to int8 in blocks of 32 (one scale each, llama.cpp's scheme for
+        its quantized matmuls) and multiplied with the codes by VNNI (csrc/qgemm_i8.cpp): ~1.3x a dense
+        bf16 GEMM here, for prefill. `forward` keeps bf16 activations (what evaluation measures).
+        Needs `takes_int8_activations`."""
+        x2 = x.reshape(-1, self.in_features)
+        y = cpu_kernels.ext().qgemm_i8(x2, self.qweight, self.scale, self.zero, self.perm, self.bias,
+                                       *self._layout_args())
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # ---- size ---------------------------------------------------------------------------

@@ -6,10 +6,13 @@ originals' storage, viewed — no second copy), RoPE cos/sin computed once per p
 model's own rotary module, a preallocated KV cache. When every block's projections run on lowbit's
 compiled kernels (an fp32 model with QuantLinear layers), a decode step is one call into
 lowbit._cpu.Decoder (csrc/decoder.cpp: the whole step in C++, float16 KV cache); otherwise it runs
-the same steps as torch ops. Prefill runs torch ops over the whole prompt (causal attention;
-QuantLinear takes its dequantize + bf16 GEMM path for many rows). Output equals the Hugging Face
-forward of the same model up to float summation order (fp32 models) or bf16 / float16 rounding
-(quantized ones) (tests/runtime/test_decoder.py).
+the same steps as torch ops. Prefill runs torch ops over the whole prompt (causal attention); its
+QuantLinear layers with integer codes quantize their inputs to int8 in blocks of 32 and multiply with
+VNNI (`int8_prefill`, on by default where the CPU has it: llama.cpp's scheme for its quantized
+matmuls, ~1.3x a dense bf16 GEMM; bench/kernels.py measures its perplexity cost), other layers take
+their dequantize + bf16 GEMM path. Output equals the Hugging Face forward of the same model up to float
+summation order (fp32 models) or bf16 / float16 rounding (quantized ones; int8 prefill adds its
+activation rounding) (tests/runtime/test_decoder.py).
 
 Supported: model types whose attention is plain RoPE + GQA with RMSNorm (llama, mistral, qwen2);
 `supports(model)` says whether a model qualifies, and callers use `generate()` otherwise.
@@ -98,8 +101,9 @@ def _rope(x, cos, sin):  # x [T, heads, D]; cos/sin [T, 1, D]
 class Decoder:
     """Greedy batch-1 generation for a Llama-family model (see module docstring)."""
 
-    def __init__(self, model, max_len: int = 2048):
+    def __init__(self, model, max_len: int = 2048, int8_prefill: bool = True):
         cfg = model.config
+        self.int8_prefill = int8_prefill
         self.model, self.cfg = model, cfg
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -155,6 +159,11 @@ class Decoder:
                          add(b.down))
         return nd
 
+    def _prefill_linear(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_prefill and isinstance(m, QuantLinear) and m.takes_int8_activations:
+            return m.forward_int8_activations(x)
+        return m(x)
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits of the last position for token ids [T] placed at positions start..start+T-1."""
@@ -170,13 +179,14 @@ class Decoder:
             return self.head(_rms(self.norm, h))[0]
         cos, sin = self.cos[start:end], self.sin[start:end]
         hq, hk, d = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
+        lin = self._prefill_linear if t > 1 else (lambda m, x: m(x))
         for i, b in enumerate(self.blocks):
             x = _rms(b.ln1, h)
             if b.qkv is not None:
-                qkv = b.qkv(x)
+                qkv = lin(b.qkv, x)
                 q, k, v = qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
             else:
-                q, k, v = b.q(x), b.k(x), b.v(x)
+                q, k, v = lin(b.q, x), lin(b.k, x), lin(b.v, x)
             q = _rope(q.reshape(t, self.heads, d), cos, sin)
             k = _rope(k.reshape(t, self.kv_heads, d), cos, sin)
             v = v.reshape(t, self.kv_heads, d)
@@ -190,14 +200,14 @@ class Decoder:
                 a = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                                    v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
                 a = a[0].transpose(0, 1).reshape(t, hq)
-            h = h + b.o(a)
+            h = h + lin(b.o, a)
             x = _rms(b.ln2, h)
             if b.gate_up is not None:
-                gu = b.gate_up(x)
+                gu = lin(b.gate_up, x)
                 g, u = gu[:, :b.gate.out_features], gu[:, b.gate.out_features:]
             else:
-                g, u = b.gate(x), b.up(x)
-            h = h + b.down(b.act(g) * u)
+                g, u = lin(b.gate, x), lin(b.up, x)
+            h = h + lin(b.down, b.act(g) * u)
         return self.head(_rms(self.norm, h[-1:]))[0]
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos: set[int] | None = None,
