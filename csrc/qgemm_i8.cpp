@@ -14,7 +14,14 @@
 namespace {
 using namespace lowbit_cpu;
 
-constexpr int NR = 32;  // output rows per tile: two registers of 16 int32 lanes
+#ifndef LOWBIT_I8_NV
+#define LOWBIT_I8_NV 2
+#endif
+#ifndef LOWBIT_I8_MR
+#define LOWBIT_I8_MR 6
+#endif
+constexpr int NV = LOWBIT_I8_NV;  // registers of 16 int32 lanes per tile row
+constexpr int NR = 16 * NV;       // output rows per tile
 constexpr int QB = 32;  // activations per quantization block
 
 struct Acts {  // int8 activations [M, K], block scales d [M, K/32], per-group sums A [M, G]
@@ -99,55 +106,51 @@ template <int MR>
 void micro(const Layer& L, const Acts& X, int64_t m0, const Tile& t, const float* bias, float* y, int64_t n0,
            int64_t cols) {
   const int64_t k = L.k, nb = k / QB;
-  __m512 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   const int8_t* xq = X.q.data() + m0 * k;
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i s32[MR][2];
-    for (int r = 0; r < MR; ++r) s32[r][0] = s32[r][1] = _mm512_setzero_si512();
+    __m512i s32[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) s32[r][v] = _mm512_setzero_si512();
     const uint32_t* w = t.w.data() + b * (QB / 4) * NR;
 #pragma GCC unroll 8
     for (int j = 0; j < QB / 4; ++j) {
-      const __m512i w0 = _mm512_loadu_si512(w + j * NR), w1 = _mm512_loadu_si512(w + j * NR + 16);
+      __m512i wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + j * NR + 16 * v);
       for (int r = 0; r < MR; ++r) {
         int32_t xv;
         std::memcpy(&xv, xq + r * k + b * QB + 4 * j, 4);
         const __m512i xb = _mm512_set1_epi32(xv);
-        s32[r][0] = _mm512_dpbusd_epi32(s32[r][0], w0, xb);
-        s32[r][1] = _mm512_dpbusd_epi32(s32[r][1], w1, xb);
+        for (int v = 0; v < NV; ++v) s32[r][v] = _mm512_dpbusd_epi32(s32[r][v], wv[v], xb);
       }
     }
     const int64_t g = b * QB / L.group;
-    const __m512 sv0 = _mm512_loadu_ps(t.s.data() + g * NR), sv1 = _mm512_loadu_ps(t.s.data() + g * NR + 16);
+    __m512 sv[NV];
+    for (int v = 0; v < NV; ++v) sv[v] = _mm512_loadu_ps(t.s.data() + g * NR + 16 * v);
     for (int r = 0; r < MR; ++r) {
       const __m512 dv = _mm512_set1_ps(X.d[(m0 + r) * nb + b]);
-      acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32[r][0]), _mm512_mul_ps(sv0, dv), acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32[r][1]), _mm512_mul_ps(sv1, dv), acc[r][1]);
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32[r][v]), _mm512_mul_ps(sv[v], dv), acc[r][v]);
     }
   }
   for (int64_t g = 0; g < L.groups; ++g) {  // the zero / offset term
-    const __m512 z0 = _mm512_loadu_ps(t.z.data() + g * NR), z1 = _mm512_loadu_ps(t.z.data() + g * NR + 16);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(X.a[(m0 + r) * L.groups + g]);
-      acc[r][0] = _mm512_fnmadd_ps(av, z0, acc[r][0]);
-      acc[r][1] = _mm512_fnmadd_ps(av, z1, acc[r][1]);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 zv = _mm512_loadu_ps(t.z.data() + g * NR + 16 * v);
+      for (int r = 0; r < MR; ++r)
+        acc[r][v] = _mm512_fnmadd_ps(_mm512_set1_ps(X.a[(m0 + r) * L.groups + g]), zv, acc[r][v]);
     }
   }
-  const __mmask16 k0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 k1 = cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
-  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-  if (bias) {
-    b0 = _mm512_maskz_loadu_ps(k0, bias + n0);
-    b1 = _mm512_maskz_loadu_ps(k1, bias + n0 + 16);
-  }
-  for (int r = 0; r < MR; ++r) {
-    float* out = y + (m0 + r) * L.n + n0;
-    _mm512_mask_storeu_ps(out, k0, _mm512_add_ps(acc[r][0], b0));
-    _mm512_mask_storeu_ps(out + 16, k1, _mm512_add_ps(acc[r][1], b1));
+  for (int v = 0; v < NV; ++v) {
+    const int64_t c = cols - 16 * v;
+    const __mmask16 km = c >= 16 ? 0xFFFF : (c <= 0 ? 0 : static_cast<__mmask16>((1u << c) - 1));
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(km, bias + n0 + 16 * v) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + (m0 + r) * L.n + n0 + 16 * v, km, _mm512_add_ps(acc[r][v], bv));
   }
 }
 
-constexpr int MR = 6;  // input rows per micro-tile (4: 4% slower; 24 of 32 registers hold sums)
+constexpr int MR = LOWBIT_I8_MR;  // input rows per micro-tile
 
 template <int LAYOUT>
 void gemm(const Layer& L, const Acts& X, int64_t m, const float* bias, float* y) {

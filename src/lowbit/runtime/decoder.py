@@ -182,13 +182,14 @@ class Decoder:
         lin = self._prefill_linear if t > 1 else (lambda m, x: m(x))
         for i, b in enumerate(self.blocks):
             x = _rms(b.ln1, h)
-            if b.qkv is not None:
+            if b.qkv is not None:  # queries and keys rotated by one call
                 qkv = lin(b.qkv, x)
-                q, k, v = qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
+                qk = _rope(qkv[:, :hq + hk].reshape(t, self.heads + self.kv_heads, d), cos, sin)
+                q, k, v = qk[:, :self.heads], qk[:, self.heads:], qkv[:, hq + hk:]
             else:
                 q, k, v = lin(b.q, x), lin(b.k, x), lin(b.v, x)
-            q = _rope(q.reshape(t, self.heads, d), cos, sin)
-            k = _rope(k.reshape(t, self.kv_heads, d), cos, sin)
+                q = _rope(q.reshape(t, self.heads, d), cos, sin)
+                k = _rope(k.reshape(t, self.kv_heads, d), cos, sin)
             v = v.reshape(t, self.kv_heads, d)
             self.k_cache[i, :, :, start:end] = k.permute(1, 2, 0)
             self.v_cache[i, :, start:end] = v.transpose(0, 1)
