@@ -1,0 +1,175 @@
+"""TFLite full-integer export of static-int8 models, run by ai-edge-litert's interpreter: int8 weights
+and activations in the file, outputs within one quantization step of lowbit's and identical on most
+elements (TFLite requantizes in fixed point with an int32 bias, lowbit in float32: a code near a
+rounding boundary can land one step apart, and such flips propagate to the next layers)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lowbit import ptq
+from lowbit.errors import LowbitError
+from lowbit.export.tflite import export
+from lowbit.spec import W8, ActSpec, LayerScheme
+
+litert = pytest.importorskip("ai_edge_litert.interpreter")
+
+STATIC = ActSpec(granularity="tensor", dynamic=False)
+ASYM = ActSpec(granularity="tensor", dynamic=False, symmetric=False, observer="percentile")
+
+
+def _run(path, x):
+    it = litert.Interpreter(model_path=str(path))
+    inp = it.get_input_details()[0]
+    it.resize_tensor_input(inp["index"], list(x.shape))
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x.numpy())
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"]), it
+
+
+def _ops(it):
+    return [op["op_name"] for op in it._get_ops_details()]
+
+
+def _int8_weights(it):
+    """Constant int8 tensors with per-channel scales (the conv / fully-connected filters)."""
+    return [t for t in it.get_tensor_details() if t["dtype"] == np.int8 and t["name"].endswith(".weight")
+            and len(t["quantization_parameters"]["scales"]) > 1
+            and not t["quantization_parameters"]["zero_points"].any()]
+
+
+def _quantize(model, act, x, last: str):
+    cfg = ptq.PTQConfig(LayerScheme(W8, act), overrides=((f"^{last}$", LayerScheme(W8, act, STATIC)),))
+    q = ptq.prepare(copy.deepcopy(model), cfg)
+    ptq.calibrate(q, list(x.split(32)))
+    return ptq.convert(q)
+
+
+def _cnn(pool=nn.MaxPool2d):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), pool(2),
+                      nn.Flatten(), nn.Linear(32 * 2 * 2, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    m[1].running_mean.normal_()
+    m[1].running_var.uniform_(0.5, 2)
+    return m
+
+
+@pytest.mark.parametrize("act", [STATIC, ASYM], ids=["sym", "asym"])
+def test_cnn_matches_lowbit_within_one_step(tmp_path, act):
+    x = torch.rand(128, 1, 16, 16)
+    q = _quantize(_cnn(), act, x[:64], "10")
+    path = export(q, x[:64], tmp_path / "cnn.tflite")
+    got, it = _run(path, x)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    step = float(q[10].output_scale)
+    assert np.abs(got - ref).max() <= step * 1.001
+    assert np.mean(np.abs(got - ref) > 1e-6) < 0.05
+    ops = _ops(it)
+    assert ops.count("CONV_2D") == 2 and ops.count("FULLY_CONNECTED") == 2
+    assert {"QUANTIZE", "DEQUANTIZE", "MAX_POOL_2D", "PAD", "TRANSPOSE", "RESHAPE"} <= set(ops)
+    assert "RELU" not in ops  # fused into the conv / fc before it
+    assert len(_int8_weights(it)) == 4
+    conv_inputs = [t for t in it.get_tensor_details() if t["name"] in ("0", "4")]
+    assert all(t["dtype"] == np.int8 for t in conv_inputs)
+
+
+def test_average_pooling_rounds_once_more(tmp_path):
+    """TFLite averages int8 codes and rounds the mean onto the grid; lowbit averages floats: one more
+    rounding, so up to two steps apart at the logits (a third of them one step apart here)."""
+    x = torch.rand(128, 1, 16, 16)
+    q = _quantize(_cnn(nn.AvgPool2d), STATIC, x[:64], "10")
+    got, it = _run(export(q, x[:64], tmp_path / "cnn.tflite"), x)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    step = float(q[10].output_scale)
+    assert np.abs(got - ref).max() <= 2 * step * 1.001
+    assert np.abs(got - ref).mean() <= 0.5 * step
+    assert "AVERAGE_POOL_2D" in _ops(it)
+
+
+@settings(max_examples=12, deadline=None)
+@given(k=st.integers(2, 96), n=st.integers(1, 48), sym=st.booleans(), seed=st.integers(0, 2**16))
+def test_one_linear_is_exact_almost_everywhere(tmp_path_factory, k, n, sym, seed):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(k, n)).eval()
+    x = torch.randn(64, k) * 3
+    q = _quantize(m, STATIC if sym else ASYM, x, "0")
+    path = export(q, x, tmp_path_factory.mktemp("fc") / "fc.tflite")
+    got, _ = _run(path, x)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    step = float(q[0].output_scale)
+    assert np.abs(got - ref).max() <= step * 1.001
+    assert np.mean(np.abs(got - ref) > 1e-6 * max(1.0, np.abs(ref).max())) <= 0.02
+
+
+def test_logits_without_output_spec_get_a_calibrated_grid(tmp_path):
+    """No output spec: the last layer's int8 output takes the min-max grid of the example inputs."""
+    x = torch.rand(96, 1, 16, 16)
+    q = ptq.prepare(_cnn(), ptq.ptq_config("w8a8-static"))
+    ptq.calibrate(q, list(x[:64].split(32)))
+    ptq.convert(q)
+    path = export(q, x[:64], tmp_path / "cnn.tflite")
+    got, it = _run(path, x)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    logits = next(t for t in it.get_tensor_details() if t["name"] == "10")
+    step = float(logits["quantization_parameters"]["scales"][0])
+    assert logits["dtype"] == np.int8
+    assert np.abs(got - ref).max() <= 1.5 * step  # half a step of rounding + the flips of the layers before
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_digits_cnn_agrees_with_lowbit(tmp_path):
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                      nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(m.parameters(), 2e-3)
+    for _ in range(4):
+        for i in range(0, 1400, 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x[i:i + 64]), y[i:i + 64]).backward()
+            opt.step()
+    m.eval()
+    q = _quantize(m, STATIC, x[:256], "9")
+    path = export(q, x[:256], tmp_path / "digits.tflite")
+    xte, yte = x[1400:], y[1400:]
+    got, _ = _run(path, xte)
+    with torch.no_grad():
+        ref = q(xte).numpy()
+    step = float(q[9].output_scale)
+    assert np.abs(got - ref).max() <= step * 1.001
+    assert np.mean(np.abs(got - ref) > 1e-6) < 0.15
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert (got.argmax(1) == yte.numpy()).mean() >= 0.9
+
+
+def test_refuses_what_full_integer_cannot_express(tmp_path):
+    x = torch.rand(8, 1, 16, 16)
+    dyn = ptq.convert(ptq.prepare(_cnn(), ptq.ptq_config("w8a8-dynamic")))
+    with pytest.raises(LowbitError, match="^0: TFLite full-integer needs static per-tensor"):
+        export(dyn, x, tmp_path / "x.tflite")
+    chan = _quantize(_cnn(), ActSpec(granularity="channel", dynamic=False), x, "10")
+    with pytest.raises(LowbitError, match="per-tensor"):
+        export(chan, x, tmp_path / "x.tflite")
+    with pytest.raises(LowbitError, match="no int8 modules"):
+        export(_cnn(), x, tmp_path / "x.tflite")
+    gelu = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)).eval()
+    q = _quantize(gelu, STATIC, torch.randn(32, 4), "2")
+    with pytest.raises(LowbitError, match="^1: GELU has no TFLite int8 lowering"):
+        export(q, torch.randn(4, 4), tmp_path / "x.tflite")
+    assert not (tmp_path / "x.tflite").exists()
