@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.tflite_file import TFLiteFile, schema
+from lowbit.export.tflite_file import TFLiteFile, options
 from lowbit.io.atomic import atomic_write_bytes
 from lowbit.nn.int8_conv import Int8Conv2d
 from lowbit.nn.int8_linear import Int8Linear
@@ -88,6 +88,30 @@ def input_qparams(layer, name: str) -> Qp:
 
 def _spec_qparams(scale, zero) -> Qp:
     return float(scale), 0 if zero is None else int(zero) - 128
+
+
+def int8_filter(f: TFLiteFile, name: str, lin: Int8Linear, in_qp: Qp, conv: tuple | None = None) -> tuple[int, int]:
+    """The layer's int8 codes as a per-output-channel filter (zero point 0; a conv's [Cout, kh, kw, Cin])
+    and its bias as int32 at scale input scale x weight scale."""
+    codes = lin.weight_codes.numpy()
+    if conv is not None:
+        cin, kh, kw = conv
+        codes = codes.reshape(len(codes), cin, kh, kw).transpose(0, 2, 3, 1)
+    w_scale = lin.weight_scale.double().numpy()
+    bias = lin.bias.double().numpy() if lin.bias is not None else np.zeros(len(w_scale))
+    b_scale = (in_qp[0] * w_scale).astype(np.float32)
+    b_codes = np.round(bias / b_scale.astype(np.float64)).astype(np.int32)
+    wt = f.const(f"{name}.weight", codes, scale=lin.weight_scale.numpy(), axis=0)
+    bt = f.const(f"{name}.bias", b_codes, scale=b_scale, zero=np.zeros(len(b_scale), np.int64))
+    return wt, bt
+
+
+def fully_connected(f: TFLiteFile, name: str, lin: Int8Linear, x: int, in_qp: Qp, out: int, act: int = ACT_NONE,
+                    keep_dims: bool = False) -> None:
+    """FULLY_CONNECTED int8 x -> int8 out (their grids set on the tensors) with the layer's filter."""
+    wt, bt = int8_filter(f, name, lin, in_qp)
+    opts = options("FullyConnectedOptions", FusedActivationFunction=act, KeepNumDims=keep_dims)
+    f.op(FULLY_CONNECTED, [x, wt, bt], [out], OPT_FC, opts, VERSIONS[FULLY_CONNECTED])
 
 
 class _Tracer(fx.Tracer):
@@ -236,57 +260,27 @@ class _Lowering:
     def layer(self, n: fx.Node, layer, last: fx.Node, relu: bool) -> _Value:
         in_qp = input_qparams(layer, n.target)
         lin = layer.inner if isinstance(layer, Int8Conv2d) else layer
-        o = lin.scheme.output
-        out_qp = _spec_qparams(lin.output_scale, lin.output_zero) if o is not None else \
+        out_qp = _spec_qparams(lin.output_scale, lin.output_zero) if lin.scheme.output is not None else \
             self.consumer_qparams(last) or self.calibrated(last)
         src = self.values[n.args[0].name]
-        codes = lin.weight_codes.numpy()
-        w_scale = lin.weight_scale.double().numpy()
-        bias = lin.bias.double().numpy() if lin.bias is not None else np.zeros(len(w_scale))
-        b_scale = (in_qp[0] * w_scale).astype(np.float32)
-        b_codes = np.round(bias / b_scale.astype(np.float64)).astype(np.int32)
-        bt = self.f.const(f"{n.target}.bias", b_codes, scale=b_scale, zero=np.zeros(len(b_scale), np.int64))
         act = ACT_RELU if relu else ACT_NONE
+        shape = self.rec.shapes[n.name]
+        out_name = last.target if last.op == "call_module" else last.name
         if isinstance(layer, Int8Conv2d):
             if len(src.shape) != 4:
                 raise LowbitError(f"{n.target}: a Conv2d input of shape {src.shape}")
-            kh, kw = layer.kernel_size
-            w = codes.reshape(layer.out_channels, layer.in_channels, kh, kw).transpose(0, 2, 3, 1)
-            wt = self.f.const(f"{n.target}.weight", w, scale=lin.weight_scale.numpy(), axis=0)
+            wt, bt = int8_filter(self.f, n.target, lin, in_qp, (layer.in_channels, *layer.kernel_size))
             x = self.need(src, in_qp, "nhwc")
             padding, x = self.pad(n, x, src.shape, in_qp, layer.kernel_size, layer.stride, layer.padding,
                                   layer.dilation)
-            shape = self.rec.shapes[n.name]
-            out = self._act(last.target if last.op == "call_module" else last.name,
-                            tuple(shape[i] for i in NHWC), out_qp)
+            out = self._act(out_name, tuple(shape[i] for i in NHWC), out_qp)
             (sh, sw), (dh, dw) = layer.stride, layer.dilation
-
-            def opts(b, padding=padding):
-                C = schema("Conv2DOptions")
-                C.Conv2DOptionsStart(b)
-                C.Conv2DOptionsAddPadding(b, padding)
-                C.Conv2DOptionsAddStrideW(b, sw)
-                C.Conv2DOptionsAddStrideH(b, sh)
-                C.Conv2DOptionsAddDilationWFactor(b, dw)
-                C.Conv2DOptionsAddDilationHFactor(b, dh)
-                C.Conv2DOptionsAddFusedActivationFunction(b, act)
-                return C.Conv2DOptionsEnd(b)
-
+            opts = options("Conv2DOptions", Padding=padding, StrideW=sw, StrideH=sh, DilationWFactor=dw,
+                           DilationHFactor=dh, FusedActivationFunction=act)
             self.f.op(CONV_2D, [x, wt, bt], [out], OPT_CONV, opts, VERSIONS[CONV_2D])
             return _Value(shape, "nhwc", {(out_qp, "nhwc"): out}, self.rec.ranges[last.name])
-        wt = self.f.const(f"{n.target}.weight", codes, scale=lin.weight_scale.numpy(), axis=0)
-        x = self.need(src, in_qp, "nchw")
-        shape = self.rec.shapes[n.name]
-        out = self._act(last.target if last.op == "call_module" else last.name, shape, out_qp)
-
-        def fc_opts(b):
-            O = schema("FullyConnectedOptions")
-            O.FullyConnectedOptionsStart(b)
-            O.FullyConnectedOptionsAddFusedActivationFunction(b, act)
-            O.FullyConnectedOptionsAddKeepNumDims(b, len(shape) > 2)
-            return O.FullyConnectedOptionsEnd(b)
-
-        self.f.op(FULLY_CONNECTED, [x, wt, bt], [out], OPT_FC, fc_opts, VERSIONS[FULLY_CONNECTED])
+        out = self._act(out_name, shape, out_qp)
+        fully_connected(self.f, n.target, lin, self.need(src, in_qp, "nchw"), in_qp, out, act, len(shape) > 2)
         return _Value(shape, "nchw", {(out_qp, "nchw"): out}, self.rec.ranges[last.name])
 
     def pad(self, n, x: int, shape, qp: Qp, kernel, stride, padding, dilation) -> tuple[int, int]:
@@ -337,16 +331,8 @@ class _Lowering:
         out = self._act(n.target, tuple(shape[i] for i in NHWC), qp)
         code = MAX_POOL_2D if isinstance(m, nn.MaxPool2d) else AVERAGE_POOL_2D
 
-        def opts(b):
-            P = schema("Pool2DOptions")
-            P.Pool2DOptionsStart(b)
-            P.Pool2DOptionsAddPadding(b, VALID)
-            P.Pool2DOptionsAddStrideW(b, s[1])
-            P.Pool2DOptionsAddStrideH(b, s[0])
-            P.Pool2DOptionsAddFilterWidth(b, k[1])
-            P.Pool2DOptionsAddFilterHeight(b, k[0])
-            return P.Pool2DOptionsEnd(b)
-
+        opts = options("Pool2DOptions", Padding=VALID, StrideW=s[1], StrideH=s[0], FilterWidth=k[1],
+                       FilterHeight=k[0])
         self.f.op(code, [x], [out], OPT_POOL, opts, VERSIONS[code])
         return _Value(shape, "nhwc", {(qp, "nhwc"): out}, self.rec.ranges[n.name])
 

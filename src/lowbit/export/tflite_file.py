@@ -25,6 +25,18 @@ def schema(table: str):
     return importlib.import_module(f"tflite.{table}")
 
 
+def options(table: str, **fields):
+    """A builtin-options table for `TFLiteFile.op`: options("Conv2DOptions", StrideW=2, ...) calls
+    the schema's Conv2DOptionsStart / Conv2DOptionsAddStrideW / ... / Conv2DOptionsEnd."""
+    def build(b):
+        m = schema(table)
+        getattr(m, f"{table}Start")(b)
+        for k, v in fields.items():
+            getattr(m, f"{table}Add{k}")(b, v)
+        return getattr(m, f"{table}End")(b)
+    return build
+
+
 @dataclass
 class _Tensor:
     name: str
