@@ -90,26 +90,28 @@ def _spec_qparams(scale, zero) -> Qp:
     return float(scale), 0 if zero is None else int(zero) - 128
 
 
-def int8_filter(f: TFLiteFile, name: str, lin: Int8Linear, in_qp: Qp, conv: tuple | None = None) -> tuple[int, int]:
+def int8_filter(f: TFLiteFile, name: str, lin: Int8Linear, in_qp: Qp, conv: tuple | None = None,
+                rows: np.ndarray | None = None) -> tuple[int, int]:
     """The layer's int8 codes as a per-output-channel filter (zero point 0; a conv's [Cout, kh, kw, Cin])
-    and its bias as int32 at scale input scale x weight scale."""
-    codes = lin.weight_codes.numpy()
+    and its bias as int32 at scale input scale x weight scale; `rows`: only these output channels."""
+    codes, w_scale = lin.weight_codes.numpy(), lin.weight_scale.double().numpy()
+    bias = lin.bias.double().numpy() if lin.bias is not None else np.zeros(len(w_scale))
+    if rows is not None:
+        codes, w_scale, bias = codes[rows], w_scale[rows], bias[rows]
     if conv is not None:
         cin, kh, kw = conv
         codes = codes.reshape(len(codes), cin, kh, kw).transpose(0, 2, 3, 1)
-    w_scale = lin.weight_scale.double().numpy()
-    bias = lin.bias.double().numpy() if lin.bias is not None else np.zeros(len(w_scale))
     b_scale = (in_qp[0] * w_scale).astype(np.float32)
     b_codes = np.round(bias / b_scale.astype(np.float64)).astype(np.int32)
-    wt = f.const(f"{name}.weight", codes, scale=lin.weight_scale.numpy(), axis=0)
+    wt = f.const(f"{name}.weight", codes, scale=w_scale.astype(np.float32), axis=0)
     bt = f.const(f"{name}.bias", b_codes, scale=b_scale, zero=np.zeros(len(b_scale), np.int64))
     return wt, bt
 
 
 def fully_connected(f: TFLiteFile, name: str, lin: Int8Linear, x: int, in_qp: Qp, out: int, act: int = ACT_NONE,
-                    keep_dims: bool = False) -> None:
+                    keep_dims: bool = False, rows: np.ndarray | None = None) -> None:
     """FULLY_CONNECTED int8 x -> int8 out (their grids set on the tensors) with the layer's filter."""
-    wt, bt = int8_filter(f, name, lin, in_qp)
+    wt, bt = int8_filter(f, name, lin, in_qp, rows=rows)
     opts = options("FullyConnectedOptions", FusedActivationFunction=act, KeepNumDims=keep_dims)
     f.op(FULLY_CONNECTED, [x, wt, bt], [out], OPT_FC, opts, VERSIONS[FULLY_CONNECTED])
 
