@@ -184,6 +184,28 @@ def _litert(path: Path, batch: int):
     return run
 
 
+def _agreement(run, model, xte, path: Path) -> dict:
+    """lowbit's .tflite against lowbit's torch model on the test set: the largest logit difference in
+    steps of the file's output grid where lowbit's logit lies inside that grid's range (the grid is
+    the min-max of the calibration images' logits: test logits beyond it are clipped), the share
+    clipped, and how often the predicted class is the same."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    ops = it._get_ops_details()
+    q = it.get_tensor_details()[ops[-1]["inputs"][0]]["quantization_parameters"]
+    step, zero = float(q["scales"][0]), int(q["zero_points"][0])
+    got = torch.from_numpy(run(xte))
+    with torch.no_grad():
+        ref = model(xte)
+    inside = (ref >= (-128 - zero) * step) & (ref <= (127 - zero) * step)
+    diff = (got - ref).abs() / step
+    return {"max_diff_output_steps_in_range": float(diff[inside].max()),
+            "identical_codes_in_range": float((diff[inside] <= 0.5).float().mean()),
+            "clipped_fraction": float(1 - inside.float().mean()),
+            "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean())}
+
+
 def tflite_rows(model, runs, calib, xte, tmp: Path):
     """lowbit's own .tflite of each static model, and the TFLite converter's full-integer
     quantization of the same fp32 network (bench/tflite_peer.py in bench/.venv-tflite), all run by
@@ -195,8 +217,8 @@ def tflite_rows(model, runs, calib, xte, tmp: Path):
         if k.startswith("lowbit static"):
             path = export(m, calib, tmp / f"{k.replace(' ', '_')}.tflite")
             name = f"{k}, .tflite in LiteRT"
-            rows[name] = {"file_bytes": path.stat().st_size}
             fns[name] = _litert(path, len(xte))
+            rows[name] = {"file_bytes": path.stat().st_size, **_agreement(fns[name], m, xte, path)}
     if not TFLITE_VENV.is_file():
         rows["TFLite converter full-integer"] = {"error": "bench/.venv-tflite missing: make bench-venv-tflite"}
         return rows, fns

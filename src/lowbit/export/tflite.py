@@ -86,7 +86,8 @@ def input_qparams(layer, name: str) -> Qp:
     return float(lin.input_scale), zero
 
 
-def _spec_qparams(scale, zero) -> Qp:
+def spec_qparams(scale, zero) -> Qp:
+    """lowbit's (scale, zero) of an activation grid as TFLite int8 (scale, zero point)."""
     return float(scale), 0 if zero is None else int(zero) - 128
 
 
@@ -215,7 +216,7 @@ class _Lowering:
     def calibrated(self, n: fx.Node) -> Qp:
         lo, hi = self.rec.ranges[n.name]
         s, z = range_qparams(torch.tensor(lo), torch.tensor(hi), OUTPUT_SPEC)
-        return _spec_qparams(s, z)
+        return spec_qparams(s, z)
 
     # ---- nodes --------------------------------------------------------------------------------------
     def lower(self) -> TFLiteFile:
@@ -262,7 +263,7 @@ class _Lowering:
     def layer(self, n: fx.Node, layer, last: fx.Node, relu: bool) -> _Value:
         in_qp = input_qparams(layer, n.target)
         lin = layer.inner if isinstance(layer, Int8Conv2d) else layer
-        out_qp = _spec_qparams(lin.output_scale, lin.output_zero) if lin.scheme.output is not None else \
+        out_qp = spec_qparams(lin.output_scale, lin.output_zero) if lin.scheme.output is not None else \
             self.consumer_qparams(last) or self.calibrated(last)
         src = self.values[n.args[0].name]
         act = ACT_RELU if relu else ACT_NONE

@@ -21,7 +21,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.tflite import (DEQUANTIZE, OUTPUT_SPEC, QUANTIZE, RESHAPE, TRANSPOSE, VERSIONS, Qp,
-                                  fully_connected, input_qparams, _spec_qparams)
+                                  fully_connected, input_qparams, spec_qparams)
 from lowbit.export.tflite_file import TFLiteFile, options
 from lowbit.io.atomic import atomic_write_bytes
 from lowbit.nn.int8_linear import Int8Linear
@@ -30,7 +30,8 @@ from lowbit.observers.qparams import range_qparams
 ADD, SUB, MUL, MEAN, RSQRT, SOFTMAX, GATHER, CAST, BATCH_MATMUL, GELU = 0, 41, 18, 40, 76, 25, 36, 53, 126, 150
 CONCATENATION = 2
 GROUPS = 6  # output-channel groups per Linear: ranges from max|y| down to max|y| / 32
-OPT = {"ConcatenationOptions": 10, "ReducerOptions": 27, "SoftmaxOptions": 9, "GatherOptions": 23, "BatchMatMulOptions": 101, "GeluOptions": 116}
+OPT = {"ConcatenationOptions": 10, "ReducerOptions": 27, "SoftmaxOptions": 9, "GatherOptions": 23,
+       "BatchMatMulOptions": 101, "GeluOptions": 116}  # builtin option union types
 MASK_MIN = -1e9  # additive key mask: exp underflows to 0 as with HF's dtype minimum
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -117,11 +118,11 @@ class _Graph:
         parts = []
         for j, rows in enumerate(groups):
             if lin.scheme.output is not None:
-                out_qp = _spec_qparams(lin.output_scale, lin.output_zero)
+                out_qp = spec_qparams(lin.output_scale, lin.output_zero)
             else:
                 s, z = range_qparams(torch.tensor(float(lo[rows].min())), torch.tensor(float(hi[rows].max())),
                                      OUTPUT_SPEC)
-                out_qp = _spec_qparams(s, z)
+                out_qp = spec_qparams(s, z)
             shape = (*base, len(rows))
             part = f"{name}.part{j}" if len(groups) > 1 else name
             y = self.act(part, shape, np.int8, out_qp)

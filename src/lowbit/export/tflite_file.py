@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TYPES = {np.dtype(np.float32): 0, np.dtype(np.int32): 2, np.dtype(np.int64): 4, np.dtype(np.int8): 9, np.dtype(np.int16): 7}
+TYPES = {np.dtype(np.float32): 0, np.dtype(np.int32): 2, np.dtype(np.int64): 4, np.dtype(np.int8): 9}
 EXTENDED_CODES = 127  # PLACEHOLDER_FOR_GREATER_OP_CODES: builtins past 127 live in `builtin_code` only
 
 
