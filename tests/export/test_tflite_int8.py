@@ -172,6 +172,11 @@ def test_refuses_what_full_integer_cannot_express(tmp_path):
         export(chan, x, tmp_path / "x.tflite")
     with pytest.raises(LowbitError, match="no int8 modules"):
         export(_cnn(), x, tmp_path / "x.tflite")
+    ok = _quantize(_cnn(), STATIC, x, "10")
+    with pytest.raises(LowbitError, match="^input_1: NaN/Inf values on the example inputs; export needs finite[^\n]*$"):
+        export(ok, x.clone().fill_(float("nan")), tmp_path / "x.tflite")
+    with pytest.raises(LowbitError, match="^0: input has shape \\(2, 3, 16, 16\\), the conv takes \\[batch, 1, H, W]$"):
+        export(ok, torch.rand(2, 3, 16, 16), tmp_path / "x.tflite")
     gelu = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)).eval()
     q = _quantize(gelu, STATIC, torch.randn(32, 4), "2")
     with pytest.raises(LowbitError, match="^1: GELU has no TFLite int8 lowering"):

@@ -132,6 +132,9 @@ class _Record(fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         if torch.is_tensor(out):
+            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise LowbitError(f"{n.name}: NaN/Inf values on the example inputs; export needs finite examples "
+                                  "(they set the grids of outputs no int8 layer reads)")
             self.shapes[n.name] = tuple(out.shape)
             lo, hi = float(out.min()), float(out.max())
             plo, phi = self.ranges.get(n.name, (lo, hi))
@@ -353,8 +356,11 @@ def to_tflite(model: nn.Module, example_inputs) -> bytes:
                           f"{' '.join(str(e).split())[:300]}") from None
     gm = fx.GraphModule(model, graph)
     rec = _Record(gm)
-    with torch.no_grad():
-        rec.run(*example_inputs)
+    try:
+        with torch.no_grad():
+            rec.run(*example_inputs)
+    except LowbitError as e:  # fx appends the node's trace to the message: keep the first line
+        raise LowbitError(str(e).split("\n")[0]) from None
     return _Lowering(gm, rec).lower().to_bytes()
 
 
