@@ -143,7 +143,7 @@ def test_digits_cnn_agrees_with_lowbit(tmp_path):
                       nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
                       nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10))
     opt = torch.optim.Adam(m.parameters(), 2e-3)
-    for _ in range(4):
+    for _ in range(2):
         for i in range(0, 1400, 64):
             opt.zero_grad()
             nn.functional.cross_entropy(m(x[i:i + 64]), y[i:i + 64]).backward()
