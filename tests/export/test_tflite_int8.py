@@ -112,6 +112,22 @@ def test_one_linear_is_exact_almost_everywhere(tmp_path_factory, k, n, sym, seed
     assert np.mean(np.abs(got - ref) > 1e-6 * max(1.0, np.abs(ref).max())) <= 0.02
 
 
+def test_an_all_zero_weight_row_keeps_its_bias(tmp_path):
+    """A row of zero codes has scale ~1e-12: its bias would overflow int32 at input x weight scale, so
+    the row gets a scale that holds it (any scale is exact for zero codes)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 4)).eval()
+    m[0].weight.data[2] = 0
+    m[0].bias.data[2] = 5.0
+    x = torch.randn(64, 8)
+    q = _quantize(m, STATIC, x, "0")
+    got, _ = _run(export(q, x, tmp_path / "fc.tflite"), x)
+    step = float(q[0].output_scale)
+    assert np.abs(got[:, 2] - 5.0).max() <= step
+    with torch.no_grad():
+        assert np.abs(got - q(x).numpy()).max() <= step * 1.001
+
+
 def test_logits_without_output_spec_get_a_calibrated_grid(tmp_path):
     """No output spec: the last layer's int8 output takes the min-max grid of the example inputs."""
     x = torch.rand(96, 1, 16, 16, generator=torch.Generator().manual_seed(SEED))

@@ -102,6 +102,13 @@ def int8_filter(f: TFLiteFile, name: str, lin: Int8Linear, in_qp: Qp, conv: tupl
     if conv is not None:
         cin, kh, kw = conv
         codes = codes.reshape(len(codes), cin, kh, kw).transpose(0, 2, 3, 1)
+    flat = codes.reshape(len(codes), -1)
+    big = np.abs(bias) / (in_qp[0] * w_scale) > 2**31 - 1  # the bias past int32 at input x weight scale
+    empty = ~flat.any(axis=1)
+    if (big & ~empty).any():
+        raise LowbitError(f"{name}: a bias of {np.abs(bias[big]).max():.3g} does not fit int32 at input scale x weight "
+                          "scale; TFLite cannot hold this layer")
+    w_scale = np.where(big & empty, np.abs(bias) / (in_qp[0] * 2**30), w_scale)  # all-zero rows: any scale is exact
     b_scale = (in_qp[0] * w_scale).astype(np.float32)
     b_codes = np.round(bias / b_scale.astype(np.float64)).astype(np.int32)
     wt = f.const(f"{name}.weight", codes, scale=w_scale.astype(np.float32), axis=0)
