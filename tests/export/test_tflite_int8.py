@@ -75,11 +75,28 @@ def test_cnn_matches_lowbit_within_one_step(tmp_path, act):
     assert np.mean(np.abs(got - ref) > 1e-6) < 0.05
     ops = _ops(it)
     assert ops.count("CONV_2D") == 2 and ops.count("FULLY_CONNECTED") == 2
-    assert {"QUANTIZE", "DEQUANTIZE", "MAX_POOL_2D", "PAD", "TRANSPOSE", "RESHAPE"} <= set(ops)
+    assert {"QUANTIZE", "DEQUANTIZE", "MAX_POOL_2D", "PAD", "RESHAPE"} <= set(ops)
+    assert "TRANSPOSE" not in ops  # one input channel: a reshape; the flatten: folded into the Linear's columns
     assert "RELU" not in ops  # fused into the conv / fc before it
     assert len(_int8_weights(it)) == 4
     conv_inputs = [t for t in it.get_tensor_details() if t["name"] in ("0", "4")]
     assert all(t["dtype"] == np.int8 for t in conv_inputs)
+
+
+def test_layout_transposes_where_they_cannot_be_folded(tmp_path):
+    """Three input channels (NCHW -> NHWC is a real TRANSPOSE) and a Flatten read by a ReLU, not by a
+    Linear (the NHWC data go back to torch's order before the RESHAPE)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.ReLU(), nn.Linear(8 * 6 * 6, 10)).eval()
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(SEED))
+    q = _quantize(m, STATIC, x, "3")
+    got, it = _run(export(q, x, tmp_path / "cnn.tflite"), x)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    step = float(q[3].output_scale)
+    assert np.abs(got - ref).max() <= step * 1.001
+    assert np.mean(np.abs(got - ref) > 1e-6) < 0.05
+    assert _ops(it).count("TRANSPOSE") == 2
 
 
 def test_average_pooling_rounds_once_more(tmp_path):

@@ -12,7 +12,8 @@ ReLU, Flatten, pooling): lowbit rounds the float result onto exactly that grid, 
 requantization gives the same codes up to its fixed-point rounding. Outputs no int8 layer reads (the
 model's logits) get a scheme's output spec when it has one, else a min-max range over
 `example_inputs` (asymmetric int8). Convolutions run NHWC (TRANSPOSE after the input's QUANTIZE and
-before a Flatten, so torch's NCHW order is kept). Dynamic input specs and per-channel input scales
+before a Flatten, so torch's NCHW order is kept; a Flatten read only by Linears permutes their
+weight columns instead). Dynamic input specs and per-channel input scales
 have no full-integer form in TFLite and are refused. The file is written atomically.
 """
 
@@ -92,13 +93,16 @@ def spec_qparams(scale, zero) -> Qp:
 
 
 def int8_filter(f: TFLiteFile, name: str, lin: Int8Linear, in_qp: Qp, conv: tuple | None = None,
-                rows: np.ndarray | None = None) -> tuple[int, int]:
+                rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> tuple[int, int]:
     """The layer's int8 codes as a per-output-channel filter (zero point 0; a conv's [Cout, kh, kw, Cin])
-    and its bias as int32 at scale input scale x weight scale; `rows`: only these output channels."""
+    and its bias as int32 at scale input scale x weight scale; `rows`: only these output channels;
+    `cols`: the input features in this order."""
     codes, w_scale = lin.weight_codes.numpy(), lin.weight_scale.double().numpy()
     bias = lin.bias.double().numpy() if lin.bias is not None else np.zeros(len(w_scale))
     if rows is not None:
         codes, w_scale, bias = codes[rows], w_scale[rows], bias[rows]
+    if cols is not None:
+        codes = codes[:, cols]
     if conv is not None:
         cin, kh, kw = conv
         codes = codes.reshape(len(codes), cin, kh, kw).transpose(0, 2, 3, 1)
@@ -117,9 +121,9 @@ def int8_filter(f: TFLiteFile, name: str, lin: Int8Linear, in_qp: Qp, conv: tupl
 
 
 def fully_connected(f: TFLiteFile, name: str, lin: Int8Linear, x: int, in_qp: Qp, out: int, act: int = ACT_NONE,
-                    keep_dims: bool = False, rows: np.ndarray | None = None) -> None:
+                    keep_dims: bool = False, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> None:
     """FULLY_CONNECTED int8 x -> int8 out (their grids set on the tensors) with the layer's filter."""
-    wt, bt = int8_filter(f, name, lin, in_qp, rows=rows)
+    wt, bt = int8_filter(f, name, lin, in_qp, rows=rows, cols=cols)
     opts = options("FullyConnectedOptions", FusedActivationFunction=act, KeepNumDims=keep_dims)
     f.op(FULLY_CONNECTED, [x, wt, bt], [out], OPT_FC, opts, VERSIONS[FULLY_CONNECTED])
 
@@ -157,6 +161,7 @@ class _Value:
     layout: str  # "nchw" (torch's order) or "nhwc" (as convolutions produce it)
     reps: dict = field(default_factory=dict)
     range: tuple[float, float] = (0.0, 0.0)
+    columns: np.ndarray | None = None  # a flatten of NHWC data: torch's feature index of each column
 
 
 class _Lowering:
@@ -192,8 +197,12 @@ class _Lowering:
             src = self.need(v, qp, v.layout)
             perm = NHWC if layout == "nhwc" else NCHW
             out = self._act(self._name("transpose"), shape, qp)
-            self.f.op(TRANSPOSE, [src, self.f.const(self._name("perm"), np.array(perm, np.int32))], [out],
-                      version=VERSIONS[TRANSPOSE])
+            if v.shape[1] == 1:  # one channel: NCHW and NHWC hold the same bytes
+                new = self.f.const(self._name("shape"), np.array((-1, *shape[1:]), np.int32))
+                self.f.op(RESHAPE, [src, new], [out], version=VERSIONS[RESHAPE])
+            else:
+                self.f.op(TRANSPOSE, [src, self.f.const(self._name("perm"), np.array(perm, np.int32))], [out],
+                          version=VERSIONS[TRANSPOSE])
         else:
             have = [k for k in v.reps if k[1] == layout]
             ints = [k for k in have if k[0] is not None]
@@ -293,7 +302,8 @@ class _Lowering:
             self.f.op(CONV_2D, [x, wt, bt], [out], OPT_CONV, opts, VERSIONS[CONV_2D])
             return _Value(shape, "nhwc", {(out_qp, "nhwc"): out}, self.rec.ranges[last.name])
         out = self._act(out_name, shape, out_qp)
-        fully_connected(self.f, n.target, lin, self.need(src, in_qp, "nchw"), in_qp, out, act, len(shape) > 2)
+        fully_connected(self.f, n.target, lin, self.need(src, in_qp, "nchw"), in_qp, out, act, len(shape) > 2,
+                        cols=src.columns)
         return _Value(shape, "nchw", {(out_qp, "nchw"): out}, self.rec.ranges[last.name])
 
     def pad(self, n, x: int, shape, qp: Qp, kernel, stride, padding, dilation) -> tuple[int, int]:
@@ -325,13 +335,21 @@ class _Lowering:
         return _Value(src.shape, src.layout, {(qp, src.layout): out}, self.rec.ranges[n.name])
 
     def reshape(self, n: fx.Node, shape) -> _Value:
+        """RESHAPE in torch's (NCHW) order; a flatten of NHWC data read only by Linears skips the
+        TRANSPOSE back: the Linears' weight columns are permuted instead (`_Value.columns`)."""
         src = self.values[n.args[0].name]
         qp = next((k[0] for k in src.reps if k[0] is not None), None)
-        x = self.need(src, qp, "nchw")
+        fold = src.layout == "nhwc" and len(src.shape) == 4 and len(shape) == 2 and src.shape[1] > 1 and all(
+            isinstance(_layer(u, self.modules), Int8Linear) for u in n.users)
+        x = self.need(src, qp, "nhwc" if fold else "nchw")
         new = np.array((-1, *shape[1:]), np.int32)
         out = self._act(self._name("reshape"), shape, qp)
         self.f.op(RESHAPE, [x, self.f.const(self._name("shape"), new)], [out], version=VERSIONS[RESHAPE])
-        return _Value(shape, "nchw", {(qp, "nchw"): out}, self.rec.ranges[n.name])
+        cols = None
+        if fold:
+            c, h, w = src.shape[1:]
+            cols = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+        return _Value(shape, "nchw", {(qp, "nchw"): out}, self.rec.ranges[n.name], cols)
 
     def pool(self, n: fx.Node, m, shape) -> _Value:
         pair = nn.modules.utils._pair
