@@ -147,6 +147,10 @@ def digits(repeats: int) -> dict:
     for k, v in lat.items():
         rows[k]["latency_ms"] = v * 1e3
         rows[k]["latency_vs_fp32"] = v / lat["fp32"]
+    pair = [k for k in ("lowbit static minmax, .tflite in LiteRT", "TFLite converter full-integer") if k in fns]
+    if len(pair) == 2:  # the two full-integer files alone, many turns: ~1 ms runs drown in the big loop's noise
+        for k, v in interleaved({k: fns[k] for k in pair}, 300).items():
+            rows[k]["latency_ms_pairwise"] = v * 1e3
     base = rows["fp32"]["accuracy"]
     for r in rows.values():
         if "accuracy" in r:
