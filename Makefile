@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: venv demo test bench clean bench-venv-gptq bench-venv-llamacpp figures
+.PHONY: venv demo test bench clean bench-venv-gptq bench-venv-llamacpp bench-venv-tflite figures
 
 venv: .venv/.installed
 
@@ -54,3 +54,12 @@ bench/.venv-llamacpp/.installed:
 	python3 -m venv bench/.venv-llamacpp
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" bench/.venv-llamacpp/bin/pip install -q --no-cache-dir llama-cpp-python==0.3.36 numpy==2.4.6
 	touch bench/.venv-llamacpp/.installed
+
+# The TFLite converter (tensorflow-cpu 2.21, its own numpy / protobuf; no torch) for bench/actquant.py's
+# "TFLite converter full-integer" peer (bench/tflite_peer.py, called by actquant.py when this venv exists).
+bench-venv-tflite: bench/.venv-tflite/.installed
+
+bench/.venv-tflite/.installed:
+	python3 -m venv bench/.venv-tflite
+	bench/.venv-tflite/bin/pip install -q tensorflow-cpu==2.21.0 numpy==2.4.6
+	touch bench/.venv-tflite/.installed

