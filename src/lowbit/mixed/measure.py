@@ -151,3 +151,17 @@ def measure(model, calib_ids: torch.Tensor, sens_ids: torch.Tensor, *, options=N
         bar.close()
     log.info("measurement saved to %s", path)
     return meas
+
+
+SENS_WINDOWS, SENS_LEN = 2, 128
+
+
+def measurement_inputs(tokenizer, calib_text: str | None = None, n_samples: int = 32, seq_len: int = 512,
+                       sens_windows: int = SENS_WINDOWS, sens_len: int = SENS_LEN):
+    """(calibration ids, sensitivity ids), both from the calibration split of `calib_text` (pydoc
+    by default; never the evaluation split), the sensitivity windows drawn with another seed."""
+    from lowbit.calibration import calibration_batches, load_text
+
+    text = load_text(calib_text or "pydoc").calibration
+    return (calibration_batches(tokenizer, text, n_samples, seq_len),
+            calibration_batches(tokenizer, text, sens_windows, sens_len, seed=1))
