@@ -35,8 +35,9 @@ def option_name(spec: QuantSpec) -> str:
     return f"w{spec.bits}{g}{'s' if spec.symmetric else 'a'}"
 
 
-def candidate_options(bits=BITS, groups=GROUPS) -> tuple[Option, ...]:
-    """Every (bits, group) pair; layers take those whose group divides their input size."""
+def candidate_options(bits=BITS, groups=GROUPS, symmetric: bool | None = None) -> tuple[Option, ...]:
+    """Every (bits, group) pair; layers take those whose group divides their input size.
+    symmetric: None = asymmetric below `ASYM_BELOW` bits, symmetric from there; True/False: all."""
     bits, groups = tuple(bits), tuple(groups)
     if not bits or not groups:
         raise LowbitError("mixed precision needs at least one bit width and one group size")
@@ -49,7 +50,7 @@ def candidate_options(bits=BITS, groups=GROUPS) -> tuple[Option, ...]:
     out = []
     for b in sorted(set(bits)):
         for g in sorted(set(groups), key=lambda g: g or 1 << 30):
-            spec = option_spec(b, g)
+            spec = option_spec(b, g, symmetric)
             out.append(Option(option_name(spec), spec))
     return tuple(out)
 
