@@ -1,6 +1,6 @@
 """Mixed precision (lowbit plan) against uniform GPTQ at matched bits per weight, SmolLM2-135M.
 
-    .venv/bin/python bench/mixed.py                       # targets 2.5,3.0,3.5,4.0,4.5 (resumes by row)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/mixed.py     # targets 2.5,3.0,3.5,4.0,4.5 (resumes by row)
     .venv/bin/python bench/mixed.py --targets 3.0,3.5
     .venv/bin/python bench/mixed.py --print               # the stored table (and the plot again)
 
@@ -168,7 +168,7 @@ def main() -> None:
             _save(res)
             print(f"mixed {t}: bpw {r['bpw']:.4f} ppl {r['perplexity']:.3f} KL {r['kl']:.4f} "
                   f"(predicted {plan.cost:.4f})", file=sys.stderr, flush=True)
-        res["uniform_for"][key] = [o for o, b in sorted(ubpw.items(), key=lambda x: x[1]) if abs(b - t) <= WINDOW]
+        res["uniform_for"][key] = [o for o, b in sorted(ubpw.items(), key=lambda x: -x[1]) if abs(b - t) <= WINDOW]
         for o in res["uniform_for"][key]:
             ukey = f"uniform|{o}"
             if ukey in res["rows"]:

@@ -53,11 +53,11 @@ def measure_source(source: str, *, calib_text: str | None = None, n_samples: int
 
 def format_plan(plan: Plan, meas: Measurement) -> str:
     """One line per layer: layer, option, its spec, bits per weight, measured error, predicted KL."""
-    lines = [f"{'layer':<40} {'option':<8} {'spec':<16} {'bits/w':>7} {'rel. error':>11} {'pred. KL':>10}"]
+    lines = [f"{'layer':<40} {'option':<8} {'spec':<22} {'bits/w':>7} {'rel. error':>11} {'pred. KL':>10}"]
     for name in sorted(plan.choices, key=lambda n: (meas.layers[n]["block"], n)):
         opt = plan.choices[name]
         layer = meas.layers[name]
-        lines.append(f"{name:<40} {opt:<8} {meas.options[opt].describe():<16} "
+        lines.append(f"{name:<40} {opt:<8} {meas.options[opt].describe():<22} "
                      f"{layer['bits'][opt] / layer['params']:>7.3f} {layer['error'][opt]:>11.4g} "
                      f"{meas.cost(name, opt):>10.3g}")
     counts = Counter(plan.choices.values())
