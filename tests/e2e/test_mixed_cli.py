@@ -43,3 +43,5 @@ def test_target_out_of_reach(lowbit_cli, tiny_dir, meas):
     r.assert_error("outside what these options reach")
     r = lowbit_cli("plan", tiny_dir, "--target-bpw", "3", "--measurement", meas, "--bits-options", "2,9")
     r.assert_error("option bits 9 is outside 2..8")
+    r = lowbit_cli("plan", tiny_dir, "--target-bpw", "3", "--measurement", meas, "--option-symmetry", "both")
+    r.assert_error("--option-symmetry must be auto, sym or asym")

@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
                                                    "--group-size / --sym; see `lowbit plan`)"),
         bits_options: str = typer.Option("2,3,4,5,6,8", help="--target-bpw: candidate bit widths"),
         group_options: str = typer.Option("32,64,128,0", help="--target-bpw: candidate group sizes (0 = per channel)"),
+        option_symmetry: str = typer.Option("auto", help="--target-bpw: auto (asym below 4 bits) | sym | asym"),
         measurement: Optional[Path] = typer.Option(None, help="--target-bpw: measurement JSON to write / reuse"),
     ):
         """Quantize MODEL and save it in lowbit's format."""
@@ -105,7 +106,7 @@ def register(app: typer.Typer) -> None:
             configure(low_memory=low_memory)
             meas = mixed_measurement(model, calib=calib, samples=min(samples, 32), seq_len=seq_len,
                                      bits_options=bits_options, group_options=group_options,
-                                     measurement=measurement, option=option)
+                                     measurement=measurement, option=option, option_symmetry=option_symmetry)
             hs = None if head_bits is None else api.head_spec(head_bits, group_size)
             r = plan_recipe(plan_for(meas, target_bpw), meas, options=parse_option_args(option), head_spec=hs)
         elif recipe is not None:

@@ -12,8 +12,20 @@ BITS_HELP = "candidate bit widths, comma-separated"
 GROUPS_HELP = "candidate group sizes, comma-separated (0 = per channel); those dividing a layer's input apply"
 
 
+SYM_HELP = "auto: asymmetric below 4 bits, symmetric from 4 | sym | asym (all options)"
+
+
+def symmetry(value: str):
+    from lowbit.errors import LowbitError
+
+    choices = {"auto": None, "sym": True, "asym": False}
+    if value not in choices:
+        raise LowbitError(f"--option-symmetry must be auto, sym or asym; got {value!r}")
+    return choices[value]
+
+
 def mixed_measurement(model: str, *, calib, samples: int, seq_len: int, bits_options: str, group_options: str,
-                      measurement: Optional[Path], option: list[str]):
+                      measurement: Optional[Path], option: list[str], option_symmetry: str = "auto"):
     """The measurement `lowbit plan` and `lowbit quantize --target-bpw` share (cached, resumable)."""
     from lowbit.cli.models_cmd import parse_option_args
     from lowbit.mixed.apply import measure_source
@@ -21,7 +33,7 @@ def mixed_measurement(model: str, *, calib, samples: int, seq_len: int, bits_opt
 
     return measure_source(model, calib_text=calib, n_samples=samples, seq_len=seq_len,
                           bits=parse_list(bits_options, "--bits-options"),
-                          groups=parse_list(group_options, "--group-options"),
+                          groups=parse_list(group_options, "--group-options"), symmetric=symmetry(option_symmetry),
                           method_options=parse_option_args(option), path=measurement)
 
 
@@ -33,6 +45,7 @@ def register(app: typer.Typer) -> None:
                                                                    "(codes, scales, zeros counted)"),
         bits_options: str = typer.Option("2,3,4,5,6,8", help=BITS_HELP),
         group_options: str = typer.Option("32,64,128,0", help=GROUPS_HELP),
+        option_symmetry: str = typer.Option("auto", help=SYM_HELP),
         measurement: Optional[Path] = typer.Option(None, help="measurement JSON to write / reuse (default: "
                                                               "the cache, named by model, data and options)"),
         option: list[str] = typer.Option([], "--option", help="GPTQ option KEY=VALUE (repeatable)"),
@@ -50,7 +63,8 @@ def register(app: typer.Typer) -> None:
         check_target(target_bpw)
         configure()
         meas = mixed_measurement(model, calib=calib, samples=samples, seq_len=seq_len, bits_options=bits_options,
-                                 group_options=group_options, measurement=measurement, option=option)
+                                 group_options=group_options, measurement=measurement, option=option,
+                                 option_symmetry=option_symmetry)
         p = plan_for(meas, target_bpw)
         if as_json:
             typer.echo(json.dumps({"bpw": p.bpw, "budget_bits": p.budget_bits, "bits": p.bits, "params": p.params,
