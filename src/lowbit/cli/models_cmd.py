@@ -68,6 +68,13 @@ def register(app: typer.Typer) -> None:
         record_stats: bool = typer.Option(False, "--record-stats", help="store the run's time and peak RSS in "
                                                                         "the checkpoint's metadata (for lowbit "
                                                                         "report; files then differ run to run)"),
+        target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="mixed precision: one option per "
+                                                   "layer for this many bits per weight (GPTQ; replaces --bits / "
+                                                   "--group-size / --sym; see `lowbit plan`)"),
+        bits_options: str = typer.Option("2,3,4,5,6,8", help="--target-bpw: candidate bit widths"),
+        group_options: str = typer.Option("32,64,128,0", help="--target-bpw: candidate group sizes (0 = per channel)"),
+        option_symmetry: str = typer.Option("auto", help="--target-bpw: auto (asym below 4 bits) | sym | asym"),
+        measurement: Optional[Path] = typer.Option(None, help="--target-bpw: measurement JSON to write / reuse"),
     ):
         """Quantize MODEL and save it in lowbit's format."""
         from lowbit import api
@@ -88,7 +95,21 @@ def register(app: typer.Typer) -> None:
         if observer is not None or smoothquant is not None:
             raise LowbitError("--observer and --smoothquant go with --scheme (activation quantization)")
 
-        if recipe is not None:
+        if target_bpw is not None:
+            from lowbit.cli.plan_cmd import mixed_measurement
+            from lowbit.mixed.apply import check_target, plan_for, plan_recipe
+
+            if recipe is not None or method != "gptq" or dtype != "int":
+                raise LowbitError("--target-bpw plans GPTQ integer options per layer; drop --recipe / --method / "
+                                  "--dtype")
+            check_target(target_bpw)
+            configure(low_memory=low_memory)
+            meas = mixed_measurement(model, calib=calib, samples=min(samples, 32), seq_len=seq_len,
+                                     bits_options=bits_options, group_options=group_options,
+                                     measurement=measurement, option=option, option_symmetry=option_symmetry)
+            hs = None if head_bits is None else api.head_spec(head_bits, group_size)
+            r = plan_recipe(plan_for(meas, target_bpw), meas, options=parse_option_args(option), head_spec=hs)
+        elif recipe is not None:
             r = load_recipe(recipe)
         else:
             r = api.make_recipe(method=method, bits=bits, group_size=group_size, symmetric=sym, dtype=dtype,
