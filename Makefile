@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: venv demo test bench clean bench-venv-gptq bench-venv-llamacpp figures
+.PHONY: venv demo test bench clean bench-venv-gptq bench-venv-llamacpp bench-venv-peers bench-cnn-encoder figures
 
 venv: .venv/.installed
 
@@ -54,3 +54,16 @@ bench/.venv-llamacpp/.installed:
 	python3 -m venv bench/.venv-llamacpp
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" bench/.venv-llamacpp/bin/pip install -q --no-cache-dir llama-cpp-python==0.3.36 numpy==2.4.6
 	touch bench/.venv-llamacpp/.installed
+
+# Weight-only PTQ peers of bench/cnn_encoder.py (torchao, optimum-quanto): installed with --no-deps in their own
+# venv that sees the main .venv's packages (torch 2.13, transformers, bitsandbytes) through a .pth file.
+bench-venv-peers: bench/.venv-peers/.installed
+
+bench/.venv-peers/.installed: venv
+	python3 -m venv bench/.venv-peers
+	echo "$(abspath .venv)/lib/python3.11/site-packages" > bench/.venv-peers/lib/python3.11/site-packages/main-venv.pth
+	bench/.venv-peers/bin/pip install -q --no-deps torchao==0.18.0 optimum-quanto==0.2.7 ninja==1.13.2
+	touch bench/.venv-peers/.installed
+
+bench-cnn-encoder: bench-venv-peers
+	bench/.venv-peers/bin/python bench/cnn_encoder.py

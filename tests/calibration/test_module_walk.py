@@ -233,3 +233,30 @@ def test_encoder_linears_gptq_beats_rtn_on_minilm():
         assert len(rec) == 12 and isinstance(q.encoder.layer[0].attention.self.query, QuantLinear)
         cos[name] = float((embed(q) * ref).sum(-1).mean())
     assert cos["gptq"] > cos["rtn"] and cos["gptq"] > 0.995, cos
+
+
+def test_save_and_load_module_round_trip(tmp_path):
+    from lowbit.export.module_checkpoint import load_module, save_module
+
+    m = cnn()
+    x = torch.randn(32, 3, 8, 8)
+    rec = quantize_module(m, Recipe(spec=QuantSpec(4, "int", False, "group", 32), method="gptq"),
+                          get_method("gptq"), [x], progress=False)
+    with torch.no_grad():
+        want = m(x)
+    save_module(m, rec, tmp_path / "q")
+    torch.manual_seed(123)  # a fresh instance with other float weights
+    fresh = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Conv2d(32, 32, 3, groups=4), nn.Flatten(), nn.Linear(32 * 2 * 2, 10))
+    back, rec2 = load_module(fresh, tmp_path / "q")
+    assert set(rec2) == set(rec)
+    for n in rec:
+        assert torch.equal(rec2[n].codes, rec[n].codes) and torch.equal(rec2[n].scale, rec[n].scale)
+        assert rec2[n].error == pytest.approx(rec[n].error)
+    assert torch.equal(back[4].weight, m[4].weight)  # the grouped conv kept its float weights
+    with torch.no_grad():
+        assert torch.equal(back(x), want)
+    with pytest.raises(LowbitError, match="exists"):
+        save_module(m, rec, tmp_path / "q")
+    with pytest.raises(LowbitError, match="this model lacks|do not fit|here it is"):
+        load_module(nn.Sequential(nn.Linear(3, 4)), tmp_path / "q")
