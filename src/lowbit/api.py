@@ -172,7 +172,13 @@ def quantize_module(model, batches=None, *, method: str = "gptq", bits: int = 4,
 
 def load(path: str | Path):
     """(model, tokenizer) from a lowbit checkpoint (QuantLinear kernels), or any model `lowbit`
-    loads (folder, .gguf, "default")."""
+    loads (folder, .gguf, "default"); an encoder saved by `lowbit quantize` (a module checkpoint)
+    comes back through `lowbit.models.encoder.load_encoder`."""
+    from lowbit.export.module_checkpoint import MANIFEST
     from lowbit.models import load_model
 
+    if (Path(path).expanduser() / MANIFEST).is_file():
+        from lowbit.models.encoder import load_encoder
+
+        return load_encoder(Path(path).expanduser())
     return load_model(str(path))

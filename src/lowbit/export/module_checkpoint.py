@@ -30,22 +30,16 @@ PREFIX = "lowbit_records."
 
 
 def _float_state(model: nn.Module, records: dict) -> dict[str, torch.Tensor]:
-    """The model's tensors outside the quantized layers' weights (a quantized layer's bias included)."""
-    out = {}
-    for name, mod in model.named_modules():
-        if name in records:
-            if isinstance(mod, (QuantLinear, QuantConv2d)):
-                inner = mod.inner if isinstance(mod, QuantConv2d) else mod
-                if inner.bias is not None:
-                    out[f"{name}.bias"] = inner.bias.detach()
-            elif getattr(mod, "bias", None) is not None:
-                out[f"{name}.bias"] = mod.bias.detach()
-            continue
-        if any(name == r or name.startswith(r + ".") for r in records):
-            continue
-        for k, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            if t is not None:
-                out[f"{name}.{k}" if name else k] = t.detach()
+    """The model's state dict outside the quantized layers, plus each quantized layer's bias."""
+    def quantized(key: str) -> bool:
+        return any(key.startswith(name + ".") for name in records)
+
+    out = {k: v.detach() for k, v in model.state_dict().items() if not quantized(k)}
+    for name in records:
+        mod = model.get_submodule(name)
+        bias = (mod.inner.bias if isinstance(mod, QuantConv2d) else mod.bias)
+        if bias is not None:
+            out[f"{name}.bias"] = bias.detach()
     return out
 
 
