@@ -10,9 +10,9 @@ digits:  the Digits CNN (bench_data: trained here on load_digits, BatchNorm fold
          Linear; optimum-quanto qint4 weights (convs and Linears; it has no 3-bit type); torchao
          IntxWeightOnly int4 / int3 per channel (it quantizes the Linears only; the convs stay fp32).
          Test accuracy (540 held-out images), its drop from fp32, bytes of the state dict.
-minilm:  all-MiniLM-L6-v2 at W4 g32 (5 bits per weight with scales): lowbit RTN and GPTQ (asymmetric,
-         fp16 scale + zero per 32) against bitsandbytes NF4 blocksize 32 (fp32 absmax per 32) on the
-         CPU. Calibration: 128-token windows of the python-docs calibration text. Held out: cosine of
+minilm:  all-MiniLM-L6-v2 at W4 g32: lowbit RTN and GPTQ, int4 asymmetric (fp16 scale + zero per 32:
+         5 bits per weight) and NF4 (fp16 scale per 32: 4.5 bits), against bitsandbytes NF4 blocksize 32
+         (fp32 absmax per 32: 5 bits) on the CPU. Calibration: 128-token windows of the python-docs calibration text. Held out: cosine of
          the mean-pooled sentence embeddings to fp32 on evaluation-text sentences, and retrieval
          recall@10 on evaluation-text paragraphs (query = first sentence, document = the rest,
          ranked against all documents).
@@ -199,11 +199,13 @@ def minilm(n_calib: int, n_sentences: int, n_pairs: int) -> dict:
                       "recall_drop_points": ref_recall - recall, **extra}
         log.info("%s: %s", name, rows[name])
 
-    for method in ("rtn", "gptq"):
+    for method, dtype in (("rtn", "int"), ("gptq", "int"), ("rtn", "nf4"), ("gptq", "nf4")):
         q = copy.deepcopy(model)
         t0 = time.time()
-        lowbit.quantize_module(q, calib, method=method, bits=4, group_size=32, symmetric=False, progress=False)
-        record(f"lowbit {method.upper()} W4 g32 asym", q, seconds=time.time() - t0,
+        lowbit.quantize_module(q, calib, method=method, bits=4, group_size=32, symmetric=dtype != "int", dtype=dtype,
+                               progress=False)
+        label = "W4 g32 asym" if dtype == "int" else "NF4 g32"
+        record(f"lowbit {method.upper()} {label}", q, seconds=time.time() - t0,
                linear_weight_bytes=sum(m.nbytes() for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear)))
     q = _peer(rows, "bitsandbytes NF4 blocksize 32", lambda: bnb_nf4(model, 32))
     if q is not None:
