@@ -96,7 +96,7 @@ def _stats_for(method, name: str, mod: nn.Module):
         return None, None
     if isinstance(mod, nn.Conv2d):
         return stats, lambda x: stats.add(conv_patches(mod, x.float()))
-    return stats, lambda x: stats.add(x.float() if x.dtype == torch.float16 else x)
+    return stats, stats.add
 
 
 def quantize_module(model: nn.Module, recipe: Recipe, method, batches: Sequence | None = None, *,
