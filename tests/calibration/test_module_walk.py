@@ -260,3 +260,29 @@ def test_save_and_load_module_round_trip(tmp_path):
         save_module(m, rec, tmp_path / "q")
     with pytest.raises(LowbitError, match="this model lacks|do not fit|here it is"):
         load_module(nn.Sequential(nn.Linear(3, 4)), tmp_path / "q")
+
+
+def test_padding_tokens_stay_out_of_the_hessian():
+    """An encoder-style model fed a mapping with an attention mask: the Hessian sees only real tokens."""
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.lin = nn.Linear(16, 8)
+
+        def forward(self, input_ids, attention_mask):
+            return self.lin(self.emb(input_ids))
+
+    m = Enc().eval()
+    ids = torch.randint(0, 50, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1:, 3:] = 0
+    method = RecordingGPTQ()
+    quantize_module(m, Recipe(spec=W4, method="gptq"), method, [{"input_ids": ids, "attention_mask": mask}],
+                    progress=False)
+    acc = HessianAccumulator(16)
+    with torch.no_grad():
+        acc.add(m.emb(ids)[mask.bool()])
+    assert acc.n == 6 + 3 * 3
+    torch.testing.assert_close(method.H["lin"], acc.H)

@@ -105,14 +105,28 @@ def execution_order(model: nn.Module, layers: Mapping[str, nn.Module], batch) ->
     return LayerOrder(groups, calls, [n for n, c in calls.items() if c == 0])
 
 
+def token_rows(x: torch.Tensor, batch) -> torch.Tensor:
+    """A layer input's rows of real tokens: with a mapping batch holding an `attention_mask`
+    [B, T] and an input [B, T, d], the padding positions are dropped (their states are no
+    calibration data); any other input as it is."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if isinstance(mask, torch.Tensor) and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        if bool(mask.all()):
+            return x
+        return x[mask.bool()]
+    return x
+
+
 def feed_inputs(model: nn.Module, layer: nn.Module, batches: Iterable, on_input: Callable[[torch.Tensor], None],
                 stop: bool = True) -> int:
-    """Run each batch and call `on_input(x)` with every input of `layer`; with `stop` the forward
-    ends at the layer (its input is all that is needed). Returns how many inputs were fed."""
+    """Run each batch and call `on_input(x)` with every input of `layer` (padding tokens dropped:
+    `token_rows`); with `stop` the forward ends at the layer (its input is all that is needed).
+    Returns how many inputs were fed."""
     fed = [0]
+    current: list = [None]
 
     def hook(_mod, args):
-        on_input(args[0])
+        on_input(token_rows(args[0], current[0]))
         fed[0] += 1
         if stop:
             raise _Stop
@@ -121,6 +135,7 @@ def feed_inputs(model: nn.Module, layer: nn.Module, batches: Iterable, on_input:
     try:
         with torch.no_grad():
             for batch in batches:
+                current[0] = batch
                 try:
                     run_batch(model, batch)
                 except _Stop:
