@@ -11,9 +11,11 @@ digits:  the Digits CNN (bench_data: trained here on load_digits, BatchNorm fold
          IntxWeightOnly int4 / int3 per channel (it quantizes the Linears only; the convs stay fp32).
          Test accuracy (540 held-out images), its drop from fp32, bytes of the state dict.
 minilm:  all-MiniLM-L6-v2 at W4 g32: lowbit RTN and GPTQ, int4 asymmetric (fp16 scale + zero per 32:
-         5 bits per weight) and NF4 (fp16 scale per 32: 4.5 bits), against bitsandbytes NF4 blocksize 32
-         (fp32 absmax per 32: 5 bits) on the CPU. Calibration: 128-token windows of the python-docs calibration text. Held out: cosine of
-         the mean-pooled sentence embeddings to fp32 on evaluation-text sentences, and retrieval
+         5 bits per weight; with --nf4 also NF4, fp16 scale per 32: 4.5 bits), against bitsandbytes NF4
+         blocksize 32 (fp32 absmax per 32: 5 bits) on the CPU. Calibration (--calib): 512 sentences of
+         the python-docs calibration text in padded batches (default; padding stays out of the
+         Hessians), or 128-token windows of it. Held out: cosine of the mean-pooled sentence
+         embeddings to fp32 on evaluation-text sentences, and retrieval
          recall@10 on evaluation-text paragraphs (query = first sentence, document = the rest,
          ranked against all documents).
 Results: bench/results/cnn_encoder.json.
@@ -161,15 +163,21 @@ def held_sentences(text: str, n: int) -> list[str]:
     return out[:n]
 
 
-def minilm(n_calib: int, n_sentences: int, n_pairs: int) -> dict:
+def minilm(n_calib: int, n_sentences: int, n_pairs: int, calib_kind: str = "sentences", nf4: bool = False) -> dict:
     from lowbit.calibration import calibration_batches, load_text_or_pydoc
 
     model, tok, _ = load_minilm()
     source, split = load_text_or_pydoc("python-docs")
-    ids = calibration_batches(tok, split.calibration, n_calib, 126)
-    ids = torch.cat([torch.full((n_calib, 1), tok.cls_token_id), ids, torch.full((n_calib, 1), tok.sep_token_id)], 1)
-    calib = [{"input_ids": c, "attention_mask": torch.ones_like(c), "token_type_ids": torch.zeros_like(c)}
-             for c in ids.split(32)]
+    if calib_kind == "windows":
+        ids = calibration_batches(tok, split.calibration, n_calib, 126)
+        ids = torch.cat([torch.full((n_calib, 1), tok.cls_token_id), ids, torch.full((n_calib, 1), tok.sep_token_id)],
+                        1)
+        calib = [{"input_ids": c, "attention_mask": torch.ones_like(c), "token_type_ids": torch.zeros_like(c)}
+                 for c in ids.split(32)]
+    else:  # sentences of the calibration text, padded per batch (padding stays out of the Hessians)
+        cal = held_sentences(split.calibration, n_calib)
+        calib = [dict(tok(cal[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+                 for i in range(0, len(cal), 64)]
     sents = held_sentences(split.evaluation, n_sentences)
     pairs = retrieval_pairs(split.evaluation, n_pairs)
 
@@ -199,7 +207,8 @@ def minilm(n_calib: int, n_sentences: int, n_pairs: int) -> dict:
                       "recall_drop_points": ref_recall - recall, **extra}
         log.info("%s: %s", name, rows[name])
 
-    for method, dtype in (("rtn", "int"), ("gptq", "int"), ("rtn", "nf4"), ("gptq", "nf4")):
+    variants = (("rtn", "int"), ("gptq", "int")) + ((("rtn", "nf4"), ("gptq", "nf4")) if nf4 else ())
+    for method, dtype in variants:
         q = copy.deepcopy(model)
         t0 = time.time()
         lowbit.quantize_module(q, calib, method=method, bits=4, group_size=32, symmetric=dtype != "int", dtype=dtype,
@@ -210,7 +219,8 @@ def minilm(n_calib: int, n_sentences: int, n_pairs: int) -> dict:
     q = _peer(rows, "bitsandbytes NF4 blocksize 32", lambda: bnb_nf4(model, 32))
     if q is not None:
         record("bitsandbytes NF4 blocksize 32", q)
-    return {"text": source, "calibration": f"{n_calib} x 128-token windows", "sentences": len(sents),
+    what = f"{n_calib} x 128-token windows" if calib_kind == "windows" else f"{n_calib} sentences, padded batches of 64"
+    return {"text": source, "calibration": what, "sentences": len(sents),
             "retrieval_pairs": len(pairs), "rows": rows}
 
 
@@ -234,7 +244,10 @@ def main() -> None:
     ap.add_argument("--only", default="digits,minilm")
     ap.add_argument("--seeds", type=int, default=3, help="Digits CNN training seeds")
     ap.add_argument("--calib-images", type=int, default=512)
-    ap.add_argument("--calib-windows", type=int, default=64, help="MiniLM calibration windows of 128 tokens")
+    ap.add_argument("--calib", choices=("sentences", "windows"), default="sentences",
+                    help="MiniLM calibration: sentences of the calibration text, or 128-token windows of it")
+    ap.add_argument("--calib-n", type=int, default=512, help="MiniLM calibration sentences (or windows)")
+    ap.add_argument("--nf4", action="store_true", help="MiniLM: also lowbit's own NF4 g32 rows (RTN, GPTQ)")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--pairs", type=int, default=500)
     args = ap.parse_args()
@@ -248,7 +261,7 @@ def main() -> None:
         if section == "digits":
             res = digits(args.seeds, args.calib_images)
         elif section == "minilm":
-            res = minilm(args.calib_windows, args.sentences, args.pairs)
+            res = minilm(args.calib_n, args.sentences, args.pairs, args.calib, args.nf4)
         else:
             sys.exit(f"unknown section {section}")
         res["seconds"] = time.time() - t0
