@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
         calib: Optional[str] = typer.Option(None, help="calibration text: pydoc (default), a file/folder, "
                                                          "or a dataset name"),
         samples: int = typer.Option(64, min=1, help="calibration samples"),
-        seq_len: int = typer.Option(512, min=1, help="calibration sample length in tokens"),
+        seq_len: Optional[int] = typer.Option(None, min=1, help="calibration sample length in tokens (default 512; "
+                                                                "128 for an encoder)"),
         overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
         state_dir: Optional[Path] = typer.Option(None, help="calibrated methods: save state after each block "
                                                            "here and resume an interrupted run from it "
@@ -89,7 +90,7 @@ def register(app: typer.Typer) -> None:
                 raise LowbitError("--scheme writes lowbit checkpoints and takes no --recipe / --format")
             configure(low_memory=low_memory)
             quantize_act_to(model, out, scheme, observer=observer, smoothquant=smoothquant, calib_text=calib,
-                            n_samples=samples, seq_len=seq_len, overwrite=overwrite)
+                            n_samples=samples, seq_len=seq_len or 512, overwrite=overwrite)
             typer.echo(f"saved {out}")
             return
         if observer is not None or smoothquant is not None:
@@ -117,7 +118,17 @@ def register(app: typer.Typer) -> None:
                                 ignore=tuple(ignore),
                                 options=parse_option_args(option))
         configure(low_memory=low_memory)
-        api.quantize_to(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite,
+        from lowbit.models.encoder import is_encoder_folder, quantize_encoder_to
+
+        if Path(model).expanduser().is_dir() and is_encoder_folder(Path(model).expanduser()):
+            if fmt != "lowbit" or state_dir is not None:
+                raise LowbitError("an encoder is saved as a lowbit module checkpoint: no --format / --state-dir")
+            quantize_encoder_to(model, out, r, calib_text=calib, n_samples=samples,
+                                seq_len=seq_len or 128, overwrite=overwrite)
+            typer.echo(f"saved {out}")
+            return
+        api.quantize_to(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len or 512,
+                        overwrite=overwrite,
                         state_dir=state_dir, fmt=fmt, format_options=parse_option_args(format_option),
                         record_stats=record_stats)
         typer.echo(f"saved {out}")
