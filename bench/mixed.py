@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from methods import _quality, _reference  # noqa: E402  (bench/methods.py: the same eval as the README table)

@@ -20,7 +20,6 @@ from lowbit.export.lowbit import layer_tensors, read_layer
 from lowbit.io.atomic import atomic_dir, check_output_dir
 from lowbit.io.manifest import read_manifest
 from lowbit.nn.quant_conv import QuantConv2d, conv_weight_2d
-from lowbit.nn.quant_linear import QuantLinear
 from lowbit.spec import QuantSpec
 
 FORMAT = "lowbit-module"
