@@ -29,7 +29,7 @@ from lowbit.mixed.artifact import Measurement, default_measurement_path, load_me
 from lowbit.mixed.options import Option, candidate_options, option_spec
 from lowbit.mixed.sensitivity import OutputProbe
 from lowbit.models.arch import arch_for, blocks_of, get_module
-from lowbit.pipeline import _working_copy
+from lowbit.pipeline import working_copy
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def measure(model, calib_ids: torch.Tensor, sens_ids: torch.Tensor, *, options=N
         for i, block in enumerate(blocks):
             prefix = f"{arch.blocks}.{i}"
             inputs = BlockInputs(inputs.hidden, kwargs[i])
-            work = _working_copy(block, calib_dtype)
+            work = working_copy(block, calib_dtype)
             if i < meas.blocks_done:  # measured before: only its outputs are needed
                 inputs = BlockInputs(run_block(work, inputs), inputs.kwargs)
                 continue
