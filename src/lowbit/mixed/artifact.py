@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.io.manifest import read_json
 from lowbit.io.atomic import atomic_write_bytes
 from lowbit.spec import QuantSpec
 
@@ -83,10 +84,7 @@ def load_measurement(path: str | Path) -> Measurement:
     path = Path(path)
     if not path.is_file():
         raise LowbitError(f"measurement {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise LowbitError(f"measurement {path} is not readable JSON ({e}); delete it to measure again") from None
+    data = read_json(path, "; delete it to measure again")
     return Measurement.from_json(data, f"measurement {path}")
 
 
