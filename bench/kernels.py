@@ -184,8 +184,10 @@ def rss():
 import transformers, lowbit, lowbit.models, lowbit.api, lowbit.export, tokenizers
 import transformers.models.llama.modeling_llama, transformers.models.auto.tokenization_auto
 from lowbit.models.loader import default_model_dir
+from lowbit.runtime.memory import release_free_memory
 a = rss()
 tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())
+release_free_memory()  # as load() does
 print(json.dumps({"tokenizer": rss() - a}))
 """
 

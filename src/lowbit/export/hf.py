@@ -10,11 +10,12 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lowbit.errors import LowbitError
 from lowbit.export.model import QuantizedModel
 from lowbit.io.atomic import atomic_dir, check_output_dir
+from lowbit.io.tensor_file import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def write_folder(qm: QuantizedModel, out: str | Path, overwrite: bool, quantizat
                     setattr(config, k, v)
         if qm.tokenizer is not None:
             qm.tokenizer.save_pretrained(tmp)
-        save_file(dict(sorted(all_tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS, all_tensors, metadata={"format": "pt"})
     log.info("saved %d quantized layers to %s", len(qm.layers), out)
     return out
 

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lowbit.core.packing import pack_bits, unpack_bits
 from lowbit.core.quantize import QuantizedWeight
@@ -26,7 +25,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.model import QuantizedModel
 from lowbit.io import manifest as io_manifest
 from lowbit.io.atomic import atomic_dir, check_output_dir
-from lowbit.io.tensor_file import SafetensorsReader
+from lowbit.io.tensor_file import SafetensorsReader, write_safetensors
 from lowbit.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -133,8 +132,7 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False) -> Pa
         if qm.tokenizer is not None:
             qm.tokenizer.save_pretrained(tmp)
         # one metadata key: safetensors writes several in random order, and same input must give same bytes
-        save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / WEIGHTS).chmod(0o644)  # as the other files (the writer creates it owner-only)
+        write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     log.info("saved %d quantized layers to %s", len(layers), out)
     return out

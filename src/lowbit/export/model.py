@@ -50,6 +50,7 @@ class QuantizedModel:
         from lowbit.nn import QuantLinear
         from lowbit.nn.int8_linear import ACT_TENSORS, Int8Linear
         from lowbit.nn.replace import replace_linear
+        from lowbit.runtime.memory import release_free_memory
 
         arch_for(self.config)
         with torch.device("meta"):
@@ -73,19 +74,8 @@ class QuantizedModel:
         if missing:
             raise LowbitError(f"the checkpoint lacks tensors for {missing[:5]}")
         model.eval()
-        _release_freed_heap()
+        release_free_memory()  # the per-layer temporaries of building the kernels
         return model
-
-
-def _release_freed_heap() -> None:
-    """Hand the per-layer temporaries of building the kernels back to the OS (glibc keeps freed
-    small blocks in its heap otherwise, and RSS after loading would carry them)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _rebuild_buffers(model) -> None:

@@ -11,13 +11,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.export.lowbit import layer_tensors, read_layer
 from lowbit.io.atomic import atomic_dir, check_output_dir
+from lowbit.io.tensor_file import write_safetensors
 from lowbit.io.manifest import read_manifest
 from lowbit.nn.quant_conv import QuantConv2d, conv_weight_2d
 from lowbit.spec import QuantSpec
@@ -56,7 +57,7 @@ def save_module(model: nn.Module, records: dict[str, QuantizedWeight], out: str 
         tensors.update({PREFIX + k: v for k, v in layer_tensors(name, qw).items()})
     manifest = {"format": FORMAT, "version": 1, "model": type(model).__name__, "layers": layers}
     with atomic_dir(out) as tmp:
-        save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 

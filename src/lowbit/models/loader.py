@@ -148,8 +148,20 @@ def load_model(source: str | os.PathLike = "default", dtype: torch.dtype = torch
     """(model, tokenizer) from `default`, a folder (HF or lowbit checkpoint), a .gguf file or a hub name.
 
     lazy=True (safetensors folders and `default`): the decoder blocks stay on disk until
-    `quantize_model` reaches them (see `lowbit.models.lazy`); other sources load whole.
+    `quantize_model` reaches them (see `lowbit.models.lazy`); other sources load whole. The heap
+    that loading freed (parsed JSON, conversion buffers) goes back to the OS before returning.
     """
+    import gc
+
+    from lowbit.runtime.memory import release_free_memory
+
+    loaded = _load_model(source, dtype, lazy)
+    gc.collect()  # the checkpoint reader's objects sit in reference cycles
+    release_free_memory()
+    return loaded
+
+
+def _load_model(source: str | os.PathLike, dtype: torch.dtype, lazy: bool):
     kind, path = resolve_source(source)
     if kind == "default":
         return _from_folder(default_model_dir(), dtype, lazy)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_dir, check_output_dir
+from lowbit.io.tensor_file import write_safetensors
 from lowbit.io.manifest import read_manifest
 from lowbit.nn.int8_conv import Int8Conv2d
 from lowbit.nn.int8_linear import Int8Linear
@@ -33,7 +34,7 @@ def save(model: nn.Module, out: str | Path, overwrite: bool = False) -> Path:
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     manifest = {"format": FORMAT, "version": 1, "model": type(model).__name__, **info}
     with atomic_dir(out) as tmp:
-        save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
