@@ -46,6 +46,7 @@ class LoraConfig:
     double_quant: bool = True
     init: str = "zero"
     gradient_checkpointing: bool = False
+    seed: int = 0  # of the adapters' random init (A)
 
     def __post_init__(self):
         if self.r < 1:
@@ -162,6 +163,7 @@ def adapt(model: nn.Module, config: LoraConfig = LoraConfig(), base_name: str = 
     qlora = config.quant_type is not None
     compute = torch.bfloat16 if qlora else torch.float32
     prefixes = _block_prefixes(model)
+    gen = torch.Generator().manual_seed(config.seed)
     for i, prefix in enumerate(tqdm(prefixes, desc="4-bit base + adapters" if qlora else "adapters", leave=False)):
         if prefix:
             materialize_block(model, i)
@@ -176,7 +178,7 @@ def adapt(model: nn.Module, config: LoraConfig = LoraConfig(), base_name: str = 
             del lin
             if name in chosen_set:
                 lora = LoraLinear(base, *shapes[name], config.r, config.alpha,
-                                  config.dropout, compute)
+                                  config.dropout, compute, gen)
                 if residual is not None:
                     lora.loftq_init(residual)
                 _set(model, name, lora)

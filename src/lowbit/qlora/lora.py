@@ -17,7 +17,8 @@ from torch import nn
 
 class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int, alpha: float,
-                 dropout: float = 0.0, compute_dtype: torch.dtype = torch.bfloat16):
+                 dropout: float = 0.0, compute_dtype: torch.dtype = torch.bfloat16,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.base, self.in_features, self.out_features = base, in_features, out_features
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
@@ -25,7 +26,7 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B.weight)
         for p in self.base.parameters():
             p.requires_grad_(False)
