@@ -42,12 +42,14 @@ def test_bits_per_param_is_4_127():
     assert quantize_4bit(w, double_quant=False).bits_per_param() == pytest.approx(4.5)
 
 
-def test_linear4bit_forward_backward_match_dequantized_weight():
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_linear4bit_forward_backward_match_dequantized_weight(quant_type):
     torch.manual_seed(0)
     lin = nn.Linear(256, 192)
-    m = Linear4bit.from_linear(lin, "nf4")
+    m = Linear4bit.from_linear(lin, quant_type)
     ref = m.packed().dequantize()
-    assert torch.equal(m.packed().codes, quantize_4bit(lin.weight.detach()).codes)
+    assert torch.equal(m.packed().codes, quantize_4bit(lin.weight.detach(), quant_type).codes)
+    assert torch.equal(m.dense(torch.float32), ref.to(torch.bfloat16).float())  # kernel dequant, rounded once
     x = torch.randn(2, 24, 256, requires_grad=True)
     y = m(x)
     want = x.detach() @ ref.t() + lin.bias.detach()

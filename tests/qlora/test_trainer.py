@@ -55,19 +55,21 @@ def test_trains_and_is_deterministic(tiny_dir, text_file, tmp_path):
 def test_resume_after_kill_gives_the_uninterrupted_adapters(tiny_dir, text_file, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": SRC}
-    cmd = [sys.executable, "-m", "lowbit.cli", "finetune", str(tiny_dir), "--data", str(text_file), "--steps", "400",
+    cmd = [sys.executable, "-c", "from lowbit.cli import main; main()", "finetune", str(tiny_dir), "--data", str(text_file), "--steps", "400",
            "--seq-len", "32", "--batch-size", "2", "--lr", "2e-3", "--warmup", "1", "--save-every", "2",
            "--rank", "4", "--alpha", "8", "--dropout", "0.1", "--qlora", "--eval-windows", "8", "--threads", "1",
            "-o", str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / checkpoint.FOLDER / checkpoint.STATE
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if state.is_file() and json.loads(state.read_text())["step"] >= 4:
             break
         time.sleep(0.2)
+    finished = proc.poll() is not None
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    err = proc.communicate()[1].decode()
+    assert not finished, err[-2000:]
     killed_at = json.loads(state.read_text())["step"]
     assert 4 <= killed_at < 400
     steps = killed_at + 4

@@ -23,6 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.arch import arch_for, blocks_of
 from lowbit.models.lazy import materialize_block
 from lowbit.qlora.linear4bit import Linear4bit
+from lowbit.qlora.loftq import loftq
 from lowbit.qlora.lora import LoraLinear
 from lowbit.qlora.storage import QUANT_TYPES
 
@@ -47,6 +48,7 @@ class LoraConfig:
     init: str = "zero"
     gradient_checkpointing: bool = False
     seed: int = 0  # of the adapters' random init (A)
+    loftq_iters: int = 5
 
     def __post_init__(self):
         if self.r < 1:
@@ -169,18 +171,21 @@ def adapt(model: nn.Module, config: LoraConfig = LoraConfig(), base_name: str = 
             materialize_block(model, i)
         for name in [n for n in shapes if n.startswith(prefix)]:
             lin = model.get_submodule(name)
-            base, residual = lin, None
-            if qlora:
+            base, product = lin, None
+            if qlora and config.init == "loftq" and name in chosen_set:
+                packed, *product = loftq(lin.weight, config.r, config.quant_type, config.double_quant,
+                                         config.loftq_iters)
+                base = Linear4bit(packed, lin.bias, name)
+                _set(model, name, base)
+            elif qlora:
                 base = Linear4bit.from_linear(lin, config.quant_type, config.double_quant, name=name)
-                if config.init == "loftq" and name in chosen_set:
-                    residual = lin.weight.detach().float() - base.packed().dequantize()
                 _set(model, name, base)
             del lin
             if name in chosen_set:
                 lora = LoraLinear(base, *shapes[name], config.r, config.alpha,
                                   config.dropout, compute, gen)
-                if residual is not None:
-                    lora.loftq_init(residual)
+                if product is not None:
+                    lora.set_product(*product)
                 _set(model, name, lora)
         if qlora and prefix:
             model.get_submodule(prefix[:-1]).to(torch.bfloat16)  # norms; adapters are made fp32 below

@@ -3,8 +3,7 @@
 y = base(x) + (dropout(x) @ A.T @ B.T) * alpha / r, peft's parametrisation: A [r, in] kaiming-uniform
 (a = sqrt(5)), B [out, r] zeros, so a fresh adapter changes nothing. Adapters are float32 master
 weights; the product runs in `compute_dtype` (bf16 for QLoRA, float32 for plain LoRA). Only A and
-B take gradients. `loftq_init` starts A, B from the quantization residual instead (LoftQ's idea:
-B @ A ~ W - dequant(W), so the 4-bit base + adapter starts closer to the original weight).
+B take gradients. `set_product` starts them from a given product instead (LoftQ init, loftq.py).
 """
 
 from __future__ import annotations
@@ -43,13 +42,11 @@ class LoraLinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     @torch.no_grad()
-    def loftq_init(self, residual: torch.Tensor) -> None:
-        """A, B from the rank-r truncated SVD of `residual` [out, in] (W - dequantized W), split
-        evenly: B = U sqrt(S) / sqrt(scaling), A = sqrt(S) V.T / sqrt(scaling)."""
-        u, s, vh = torch.linalg.svd(residual.float(), full_matrices=False)
-        root = s[: self.r].sqrt() / math.sqrt(self.scaling)
-        self.lora_B.weight.copy_(u[:, : self.r] * root)
-        self.lora_A.weight.copy_(root.unsqueeze(1) * vh[: self.r])
+    def set_product(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Start from B @ A * scaling = b @ a (b [out, r], a [r, in]; lowbit.qlora.loftq)."""
+        k = self.scaling ** -0.5
+        self.lora_B.weight.copy_(b * k)
+        self.lora_A.weight.copy_(a * k)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, compute_dtype={self.compute_dtype}"
