@@ -19,10 +19,11 @@ def _bnb_bytes(p):
 
 
 @given(rows=st.integers(1, 6), cols=st.integers(1, 5), exp=st.integers(-4, 2), seed=st.integers(0, 2**16),
-       quant_type=st.sampled_from(["nf4", "fp4"]), dq=st.booleans())
-def test_bit_exact_with_bitsandbytes(rows, cols, exp, seed, quant_type, dq):
+       quant_type=st.sampled_from(["nf4", "fp4"]), dq=st.booleans(), bf16=st.booleans())
+def test_bit_exact_with_bitsandbytes(rows, cols, exp, seed, quant_type, dq, bf16):
     torch.manual_seed(seed)
     w = torch.randn(rows * 64, cols * 64) * 10.0**exp
+    w = w.bfloat16() if bf16 else w
     w[0, :5] = 0.0  # exact zeros and a tie-free edge
     q, state = F.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type=quant_type)
     p = quantize_4bit(w, quant_type, dq)
@@ -32,7 +33,7 @@ def test_bit_exact_with_bitsandbytes(rows, cols, exp, seed, quant_type, dq):
         assert torch.equal(p.nested_absmax, state.state2.absmax)
         assert torch.equal(p.nested_code, state.state2.code)
         assert p.offset == float(state.offset)
-    assert torch.equal(p.dequantize(), F.dequantize_4bit(q, state))
+    assert torch.equal(p.dequantize(w.dtype), F.dequantize_4bit(q, state))
 
 
 def test_bits_per_param_is_4_127():

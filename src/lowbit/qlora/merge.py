@@ -48,7 +48,7 @@ def merge(model: nn.Module, original: nn.Module | None = None, dtype: torch.dtyp
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(dtype)
-    if getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         model.gradient_checkpointing_disable()
     model.config.use_cache = True
     return model

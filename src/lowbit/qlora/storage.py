@@ -22,6 +22,7 @@ import torch
 
 from lowbit.core.formats import BNB_FP4_VALUES, NF4_VALUES
 from lowbit.errors import LowbitError
+from lowbit.export.bnb import dynamic_map  # bitsandbytes' signed 8-bit dynamic map, the nested table
 
 BLOCK = 64
 NESTED_BLOCK = 256
@@ -36,17 +37,6 @@ def table(quant_type: str) -> torch.Tensor:
     if quant_type == "fp4":
         return torch.tensor(BNB_FP4_VALUES, dtype=torch.float32)
     raise LowbitError(f"quant_type {quant_type!r} is not a 4-bit QLoRA type; use one of {', '.join(QUANT_TYPES)}")
-
-
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (256 sorted float32 values), the double-quantization table."""
-    data = []
-    for i in range(7):
-        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        data += ((10 ** (-6 + i)) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
-    data += [0.0, 1.0]
-    return torch.tensor(sorted(data), dtype=torch.float32)
 
 
 def quantize_blocks4(w: torch.Tensor, quant_type: str = "nf4", block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
