@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("fp32-lora", "lowbit-qlora", "lowbit-qlora-loftq", "peft-bnb-qlora")
+VARIANTS = ("fp32-lora", "lowbit-qlora", "lowbit-qlora-loftq", "peft-bnb-qlora", "peft-fp32-lora")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,14 +56,17 @@ def child(variant: str, a) -> dict:
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.bfloat16)
+        if variant == "peft-fp32-lora":  # peft's own LoRA on the fp32 base: is the trainer loop fair to peft?
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        else:
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.bfloat16)
         model.config.use_cache = False
         torch.manual_seed(a.seed)
         pm = peft.get_peft_model(model, peft.LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout,
                                                         target_modules=list(TARGETS), task_type="CAUSAL_LM"))
-        adapted = Adapted(pm, LoraConfig(**lora, quant_type=None), list(TARGETS), "peft-bnb")
+        adapted = Adapted(pm, LoraConfig(**lora, quant_type=None), list(TARGETS), variant)
     prepared = time.perf_counter() - t0
     before = perplexity(adapted.model, ds.eval, 4)
     with tempfile.TemporaryDirectory() as out:
@@ -98,7 +101,7 @@ def main() -> None:
     if a.child:
         print("RESULT " + json.dumps(child(a.child, a)), flush=True)
         return
-    args = [x for x in sys.argv[1:]]
+    args = list(sys.argv[1:])
     results = {}
     if a.variants != ",".join(VARIANTS) and Path(a.out).is_file():  # a subset: update the others' figures
         results = json.loads(Path(a.out).read_text()).get("results", {})
@@ -123,6 +126,9 @@ def main() -> None:
         ratios["qlora_rss_vs_peft_bnb"] = ours["peak_rss_mb"] / peer["peak_rss_mb"]
         ratios["qlora_tokens_per_s_vs_peft_bnb"] = ours["tokens_per_s"] / peer["tokens_per_s"]
         ratios["qlora_ppl_vs_peft_bnb"] = ours["ppl_after"] / peer["ppl_after"]
+    pf = results.get("peft-fp32-lora", {})
+    if "ppl_after" in pf and "ppl_after" in ref:
+        ratios["lowbit_fp32_lora_ppl_vs_peft_fp32_lora"] = ref["ppl_after"] / pf["ppl_after"]
     loftq = results.get("lowbit-qlora-loftq", {})
     if "ppl_after" in loftq and "ppl_after" in ours:
         ratios["loftq_ppl_before_vs_zero"] = loftq["ppl_before"] / ours["ppl_before"]
