@@ -14,7 +14,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lowbit.errors import LowbitError
-from lowbit.io.tensor_file import SafetensorsReader
 from lowbit.qlora import checkpoint
 from lowbit.qlora.adapt import LoraConfig, adapt
 from lowbit.qlora.data import IGNORE, load_dataset
