@@ -2,9 +2,9 @@
 
 Tensor names are peft's: `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight`
 [out, r] (float32), so `peft.PeftModel.from_pretrained(original_model, folder)` loads them
-(tests/qlora/test_peft_io.py checks it gives the outputs of lowbit's adapted model). The config
-records lowbit's own fields under `lowbit` (peft ignores unknown keys only in newer versions, so they
-live in a sidecar `lowbit_adapter.json` instead).
+(tests/qlora/test_peft_io.py checks it gives the outputs of lowbit's adapted model). lowbit's own
+fields (the 4-bit base's type, the base model's fingerprint, the run's metrics) live in a sidecar
+`lowbit_adapter.json`, which peft ignores.
 """
 
 from __future__ import annotations
