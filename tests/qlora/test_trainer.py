@@ -120,3 +120,20 @@ def test_bad_data(tmp_path, default_dir, content, match):
     path.write_text(content)
     with pytest.raises(LowbitError, match=match):
         load_dataset(str(path), tok)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
+    ids = torch.randint(0, 1000, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+        adapted = adapt(model, LoraConfig(r=4, alpha=8, dropout=0.0, gradient_checkpointing=ckpt))
+        with torch.no_grad():
+            for m in adapted.lora_modules().values():
+                m.lora_B.weight.fill_(0.01)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], rtol=1e-3, atol=1e-6), n
