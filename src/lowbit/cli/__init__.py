@@ -1,4 +1,4 @@
-"""`lowbit` command line: quantize, plan, eval, inspect, export, generate, report (and kv-eval).
+"""`lowbit` command line: quantize, plan, eval, inspect, export, generate, report, finetune (and kv-eval).
 
 Exit codes: 0 done; 2 bad input or usage (one `error: ...` line on stderr, nothing written);
 130 interrupted (Ctrl-C; rerunning the same command resumes); 1 anything else: out of memory, a
@@ -25,7 +25,7 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 def _register() -> None:
     import importlib.util
 
-    from lowbit.cli import export_cmd, generate_cmd, inspect_cmd, models_cmd, plan_cmd, report_cmd
+    from lowbit.cli import export_cmd, finetune_cmd, generate_cmd, inspect_cmd, models_cmd, plan_cmd, report_cmd
 
     if app.registered_commands:  # main() called again in the same process
         return
@@ -35,6 +35,7 @@ def _register() -> None:
     generate_cmd.register(app)
     export_cmd.register(app)
     report_cmd.register(app)
+    finetune_cmd.register(app)
     if importlib.util.find_spec("lowbit.cli.kv") is not None:
         from lowbit.cli import kv
 

@@ -16,6 +16,10 @@ NF4_VALUES = (
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP4_VALUES = _E2M1_MAGNITUDES + tuple(-v for v in _E2M1_MAGNITUDES)
 
+# bitsandbytes' "fp4" table by code (quantize_4bit(quant_type="fp4")): not E2M1's order nor scale.
+BNB_FP4_VALUES = tuple(v / 12.0 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
+                                          -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0))
+
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
