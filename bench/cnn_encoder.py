@@ -8,7 +8,9 @@ digits:  the Digits CNN (bench_data: trained here on load_digits, BatchNorm fold
          for several training seeds: fp32; lowbit RTN and GPTQ (`lowbit.quantize_module`, convs on
          their unfolded-patch Hessian) at W4 and W3 symmetric per output channel, every conv and
          Linear; optimum-quanto qint4 weights (convs and Linears; it has no 3-bit type); torchao
-         IntxWeightOnly int4 / int3 per channel (it quantizes the Linears only; the convs stay fp32).
+         IntxWeightOnly int4 / int3 per channel (it quantizes the Linears only; the convs stay fp32);
+         lowbit GPTQ mixed precision at 3.0 bits per weight (`target_bpw`, scales included) beside
+         uniform GPTQ W3 and W2 per channel.
          Test accuracy (540 held-out images), its drop from fp32, bytes of the state dict.
 minilm:  all-MiniLM-L6-v2 at W4 g32: lowbit RTN and GPTQ, int4 asymmetric (fp16 scale + zero per 32:
          5 bits per weight; with --nf4 also NF4, fp16 scale per 32: 4.5 bits), against bitsandbytes NF4
@@ -38,6 +40,7 @@ from torch import nn
 
 from bench_data import digits_data, load_minilm, mean_pooled, nbytes, train_digits_cnn
 import lowbit
+from lowbit.mixed.measure import storage_bits
 from lowbit.ptq.fold_bn import fold_batchnorm
 
 RESULTS = Path(__file__).parent / "results" / "cnn_encoder.json"
@@ -89,18 +92,26 @@ def digits_one(seed: int, xtr, xte, ytr, yte, calib_n: int) -> dict:
                 "agreement_with_fp32": float((out.argmax(1) == ref.argmax(1)).float().mean()) * 100}
 
     rows = {"fp32": {**acc(model), "weight_bytes": nbytes(model)}}
+
+    def lowbit_row(label, **kw):
+        q = copy.deepcopy(model)
+        t0 = time.time()
+        rec = lowbit.quantize_module(q, calib, group_size=None, progress=False, **kw)
+        rows[label] = {**acc(q), "weight_bytes": nbytes(q), "layers": len(rec), "seconds": time.time() - t0,
+                       "bits_per_weight": sum(storage_bits(n, r) for n, r in rec.items())
+                       / sum(r.codes.numel() for r in rec.values())}
+
     for bits in (4, 3):
         for method in ("rtn", "gptq"):
-            q = copy.deepcopy(model)
-            t0 = time.time()
-            rec = lowbit.quantize_module(q, calib, method=method, bits=bits, group_size=None, symmetric=True,
-                                         progress=False)
-            rows[f"lowbit {method.upper()} W{bits} per-channel"] = {
-                **acc(q), "weight_bytes": nbytes(q), "layers": len(rec), "seconds": time.time() - t0}
+            lowbit_row(f"lowbit {method.upper()} W{bits} per-channel", method=method, bits=bits, symmetric=True)
         name = f"torchao IntxWeightOnly int{bits} per-channel (Linears only)"
         q = _peer(rows, name, lambda b=bits: torchao_intx(model, b))
         if q is not None:
             rows[name] = {**acc(q), "weight_bytes": nbytes(q)}
+    # mixed precision at 3.0 bits per weight (scales included) against uniform 3 and 2 bits
+    lowbit_row("lowbit GPTQ mixed 3.0 bpw (2/3/4/8 bits x g32/g64/g128/channel)", method="gptq", target_bpw=3.0)
+    for sym in (True, False):
+        lowbit_row(f"lowbit GPTQ W2 {'sym' if sym else 'asym'} per-channel", method="gptq", bits=2, symmetric=sym)
     name = "optimum-quanto qint4 weights"
     q = _peer(rows, name, lambda: quanto_w4(model))
     if q is not None:
@@ -125,7 +136,8 @@ def digits(seeds: int, calib_n: int) -> dict:
                                                                              "agreement_with_fp32")}
         rows[k] = {**mean, "accuracy_per_seed": [r["accuracy"] for r in runs],
                    "drop_points_mean": sum(drops) / len(drops), "drop_points_max": max(drops),
-                   "weight_bytes": per_seed[0][k]["weight_bytes"]}
+                   "weight_bytes": per_seed[0][k]["weight_bytes"],
+                   **({"bits_per_weight": per_seed[0][k]["bits_per_weight"]} if "bits_per_weight" in per_seed[0][k] else {})}
     return {"test_images": len(xte), "calibration_images": calib_n, "seeds": seeds,
             "note": "BatchNorm folded into the convs before every variant; drop = fp32 accuracy - variant's, "
                     "same seed", "rows": rows}
