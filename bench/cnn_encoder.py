@@ -5,14 +5,16 @@
     PYTHONPATH=src bench/.venv-peers/bin/python bench/cnn_encoder.py --only digits    # one section (merged)
 
 digits:  the Digits CNN (bench_data: trained here on load_digits, BatchNorm folded into the convs),
-         for several training seeds: fp32; lowbit RTN and GPTQ (`lowbit.quantize_module`, convs on
+         for several training seeds: fp32; lowbit RTN, AWQ (scales folded into the conv / Linear
+         before each ReLU, `module_awq`) and GPTQ (`lowbit.quantize_module`, convs on
          their unfolded-patch Hessian) at W4 and W3 symmetric per output channel, every conv and
          Linear; optimum-quanto qint4 weights (convs and Linears; it has no 3-bit type); torchao
          IntxWeightOnly int4 / int3 per channel (it quantizes the Linears only; the convs stay fp32);
          lowbit GPTQ mixed precision at 3.0 bits per weight (`target_bpw`, scales included) beside
          uniform GPTQ W3 and W2 per channel.
          Test accuracy (540 held-out images), its drop from fp32, bytes of the state dict.
-minilm:  all-MiniLM-L6-v2 at W4 g32: lowbit RTN and GPTQ, int4 asymmetric (fp16 scale + zero per 32:
+minilm:  all-MiniLM-L6-v2 at W4 g32: lowbit RTN, AWQ (post-LN: only value -> attention output can
+         absorb a scale; the rest is AWQ's clip search) and GPTQ, int4 asymmetric (fp16 scale + zero per 32:
          5 bits per weight; with --nf4 also NF4, fp16 scale per 32: 4.5 bits), against bitsandbytes NF4
          blocksize 32 (fp32 absmax per 32: 5 bits) on the CPU. Calibration (--calib): 512 sentences of
          the python-docs calibration text in padded batches (default; padding stays out of the
@@ -102,7 +104,7 @@ def digits_one(seed: int, xtr, xte, ytr, yte, calib_n: int) -> dict:
                        / sum(r.codes.numel() for r in rec.values())}
 
     for bits in (4, 3):
-        for method in ("rtn", "gptq"):
+        for method in ("rtn", "awq", "gptq"):
             lowbit_row(f"lowbit {method.upper()} W{bits} per-channel", method=method, bits=bits, symmetric=True)
         name = f"torchao IntxWeightOnly int{bits} per-channel (Linears only)"
         q = _peer(rows, name, lambda b=bits: torchao_intx(model, b))
@@ -219,7 +221,7 @@ def minilm(n_calib: int, n_sentences: int, n_pairs: int, calib_kind: str = "sent
                       "recall_drop_points": ref_recall - recall, **extra}
         log.info("%s: %s", name, rows[name])
 
-    variants = (("rtn", "int"), ("gptq", "int")) + ((("rtn", "nf4"), ("gptq", "nf4")) if nf4 else ())
+    variants = (("rtn", "int"), ("awq", "int"), ("gptq", "int")) + ((("rtn", "nf4"), ("gptq", "nf4")) if nf4 else ())
     for method, dtype in variants:
         q = copy.deepcopy(model)
         t0 = time.time()

