@@ -42,6 +42,7 @@ from torch import nn
 
 from bench_data import digits_data, load_minilm, mean_pooled, nbytes, train_digits_cnn
 import lowbit
+from lowbit.calibration.sentences import clean_rst, sentence_batches, text_sentences
 from lowbit.mixed.measure import storage_bits
 from lowbit.ptq.fold_bn import fold_batchnorm
 
@@ -146,12 +147,6 @@ def digits(seeds: int, calib_n: int) -> dict:
 
 
 # ---- MiniLM ---------------------------------------------------------------------------------------
-def _clean_rst(p: str) -> str:
-    p = re.sub(r":[\w:]+:`~?([^`<]*?)(\s*<[^>]*>)?`", r"\1", p)
-    p = re.sub(r"`+([^`]*)`+_?", r"\1", p)
-    return " ".join(p.split())
-
-
 def retrieval_pairs(text: str, n: int) -> list[tuple[str, str]]:
     """(query, document) from prose paragraphs: the first sentence, and the rest of the paragraph."""
     pairs, seen = [], set()
@@ -159,7 +154,7 @@ def retrieval_pairs(text: str, n: int) -> list[tuple[str, str]]:
         lines = para.strip("\n").splitlines()
         if not lines or any(ln.startswith((" ", "\t", "..", "=", "-", "*", ">>>", ":", "+", "|")) for ln in lines):
             continue
-        p = _clean_rst(para)
+        p = clean_rst(para)
         parts = re.split(r"(?<=[.!?])\s+(?=[A-Z])", p, maxsplit=1)
         if len(parts) != 2 or not 30 <= len(parts[0]) <= 300 or not 80 <= len(parts[1]) <= 1500:
             continue
@@ -172,9 +167,7 @@ def retrieval_pairs(text: str, n: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def held_sentences(text: str, n: int) -> list[str]:
-    out = [s.strip() for s in re.split(r"(?<=[.!?])\s+", _clean_rst(text)) if 40 <= len(s.strip()) <= 400]
-    return out[:n]
+held_sentences = text_sentences  # the library's sentence split (also the encoder CLI's calibration)
 
 
 def minilm(n_calib: int, n_sentences: int, n_pairs: int, calib_kind: str = "sentences", nf4: bool = False) -> dict:
@@ -189,9 +182,7 @@ def minilm(n_calib: int, n_sentences: int, n_pairs: int, calib_kind: str = "sent
         calib = [{"input_ids": c, "attention_mask": torch.ones_like(c), "token_type_ids": torch.zeros_like(c)}
                  for c in ids.split(32)]
     else:  # sentences of the calibration text, padded per batch (padding stays out of the Hessians)
-        cal = held_sentences(split.calibration, n_calib)
-        calib = [dict(tok(cal[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-                 for i in range(0, len(cal), 64)]
+        calib = sentence_batches(tok, split.calibration, n_calib, 128)
     sents = held_sentences(split.evaluation, n_sentences)
     pairs = retrieval_pairs(split.evaluation, n_pairs)
 
