@@ -1,7 +1,7 @@
 """ONNX export of weight-only quantized CNNs / encoders: DequantizeLinear of int4/uint4/int8/uint8
 codes (per channel and blocked per group), run by onnxruntime; outputs equal the model's with its
 dequantized weights (float32 rounding) and lowbit's kernels (bf16); the codes take bits/8 bytes;
-what has no DequantizeLinear form is refused; QuantLinear.record() gives the record back."""
+what has no DequantizeLinear form is refused; a saved checkpoint's records export the same."""
 
 import copy
 
@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.core.quantize import QuantizedWeight, quantize
 from lowbit.errors import LowbitError
-from lowbit.export.onnx_weights import export_weight_only, float_copy, quant_layers
-from lowbit.nn import QuantLinear, cpu_kernels
+from lowbit.export.onnx_weights import export_weight_only, float_copy
+from lowbit.recipe import Recipe
 from lowbit.spec import QuantSpec
 
 ort = pytest.importorskip("onnxruntime")
@@ -46,11 +45,11 @@ def _rel(a, b):
 def test_cnn_runs_in_onnxruntime_like_lowbit(kw, tmp_path):
     m = cnn()
     x = torch.randn(64, 3, 8, 8)
-    lowbit.quantize_module(m, [x[:32]], method="gptq", progress=False, **kw)
-    path = export_weight_only(m, (x[:2],), tmp_path / "m.onnx", input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    rec = lowbit.quantize_module(m, [x[:32]], method="gptq", progress=False, **kw)
+    path = export_weight_only(m, rec, (x[:2],), tmp_path / "m.onnx", input_names=["x"], dynamic_axes={"x": {0: "n"}})
     y = _run(path, x)
     with torch.no_grad():
-        ref32 = float_copy(m, quant_layers(m))(x)
+        ref32 = float_copy(m, rec)(x)
         ours = m(x)
     assert _rel(y, ref32) < 1e-5
     assert _rel(y, ours) < 2e-2  # lowbit's kernels multiply in bf16
@@ -67,50 +66,33 @@ def test_cnn_runs_in_onnxruntime_like_lowbit(kw, tmp_path):
                    for i in proto.graph.initializer)  # no float weight left
 
 
-def _layer(spec, **kw):
-    torch.manual_seed(0)
-    qw = quantize(torch.randn(24, 128), spec)
-    return qw, QuantLinear.from_quantized(qw, torch.randn(24), **kw)
+def test_records_from_a_saved_checkpoint_export_the_same(tmp_path):
+    """load_module's records (read from the file) give the same graph output as quantize_module's."""
+    from lowbit.export.module_checkpoint import load_module, save_module
 
-
-@pytest.mark.parametrize("spec", [QuantSpec(4, "int", True, "group", 32), QuantSpec(3, "int", False, "group", 64),
-                                  QuantSpec(8, "int", True, "channel"), QuantSpec(2, "int", False, "channel")],
-                         ids=["w4g32", "w3g64a", "w8ch", "w2cha"])
-@pytest.mark.parametrize("kernel", ["torch", "cpu"])
-def test_record_gives_the_record_back(spec, kernel):
-    if kernel == "cpu" and cpu_kernels.load() is None:
-        pytest.skip("compiled kernels not built")
-    try:
-        qw, m = _layer(spec, kernel=kernel)
-    except LowbitError:
-        pytest.skip(f"the cpu kernels do not cover {spec.describe()}")
-    back = m.record()
-    assert torch.equal(back.codes, qw.codes) and back.codes.dtype == qw.codes.dtype
-    assert torch.equal(back.scale, qw.scale) and (qw.zero is None or torch.equal(back.zero, qw.zero))
-    assert back.g_idx is None and back.spec == qw.spec
-
-
-def test_record_of_act_order_columns_has_its_g_idx():
-    spec = QuantSpec(4, "int", True, "group", 32)
-    torch.manual_seed(0)
-    perm = torch.randperm(128)
-    g_idx = torch.empty(128, dtype=torch.int32)
-    g_idx[perm] = (torch.arange(128) // 32).to(torch.int32)
-    base = quantize(torch.randn(8, 128), spec)
-    qw = QuantizedWeight(base.codes, base.scale, None, spec, g_idx=g_idx)
-    back = QuantLinear.from_quantized(qw, kernel="torch").record()
-    assert torch.equal(back.codes, qw.codes) and torch.equal(back.g_idx, g_idx)
-    assert torch.equal(back.dequantize(), qw.dequantize())
+    m = cnn()
+    x = torch.randn(16, 3, 8, 8)
+    rec = lowbit.quantize_module(m, [x], method="rtn", bits=4, group_size=16, symmetric=False, progress=False)
+    save_module(m, rec, tmp_path / "ck")
+    m2, rec2 = load_module(cnn(), tmp_path / "ck")
+    a = _run(export_weight_only(m, rec, (x,), tmp_path / "a.onnx", input_names=["x"]), x)
+    b = _run(export_weight_only(m2, rec2, (x,), tmp_path / "b.onnx", input_names=["x"]), x)
+    assert torch.equal(a, b)
 
 
 def test_what_has_no_dequantize_linear_form_is_refused(tmp_path):
     x = torch.randn(8, 3, 8, 8)
     m = cnn()
-    lowbit.quantize_module(m, [x], method="rtn", bits=4, group_size=None, dtype="nf4", progress=False)
+    rec = lowbit.quantize_module(m, [x], method="rtn", bits=4, group_size=None, dtype="nf4", progress=False)
     with pytest.raises(LowbitError, match="integer codes only"):
-        export_weight_only(m, (x,), tmp_path / "m.onnx")
-    with pytest.raises(LowbitError, match="no QuantLinear"):
-        export_weight_only(cnn(), (x,), tmp_path / "m.onnx")
+        export_weight_only(m, rec, (x,), tmp_path / "m.onnx")
+    with pytest.raises(LowbitError, match="no quantized layer records"):
+        export_weight_only(cnn(), {}, (x,), tmp_path / "m.onnx")
+    spec = QuantSpec(4, "int", False, "group", 16, integer_zero=False)
+    m = cnn()
+    rec = lowbit.quantize_module(m, [x], recipe=Recipe(spec=spec, method="rtn"), progress=False)
+    with pytest.raises(LowbitError, match="float zero points"):
+        export_weight_only(m, rec, (x,), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -123,7 +105,8 @@ def test_minilm_w4_g32_in_onnxruntime(tmp_path):
     m, tok = AutoModel.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
     calib = [dict(tok(["Return the number of items in a container.", "Sort a list in place."], padding=True,
                       return_tensors="pt"))]
-    lowbit.quantize_module(m, calib, method="rtn", bits=4, group_size=32, symmetric=False, progress=False)
+    rec = lowbit.quantize_module(m, calib, method="rtn", bits=4, group_size=32, symmetric=False, progress=False)
+    rec = {f"m.{k}": v for k, v in rec.items()}
 
     class Hidden(nn.Module):
         def __init__(self, m):
@@ -137,12 +120,12 @@ def test_minilm_w4_g32_in_onnxruntime(tmp_path):
     enc = dict(tok(["Open a file and return a stream.", "A dictionary maps keys to values, like a table."],
                    padding=True, return_tensors="pt"))
     names = ["input_ids", "attention_mask"]
-    out = export_weight_only(w, tuple(enc[n] for n in names), tmp_path / "minilm.onnx", input_names=names,
+    out = export_weight_only(w, rec, tuple(enc[n] for n in names), tmp_path / "minilm.onnx", input_names=names,
                              dynamic_axes={n: {0: "b", 1: "t"} for n in names})
     s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     y = torch.from_numpy(s.run(None, {n: enc[n].numpy() for n in names})[0])
     with torch.no_grad():
-        ref32 = float_copy(w, quant_layers(w))(*(enc[n] for n in names))
+        ref32 = float_copy(w, rec)(*(enc[n] for n in names))
         ours = w(*(enc[n] for n in names))
     assert _rel(y, ref32) < 1e-4
     cos = nn.functional.cosine_similarity(y.flatten(0, 1), ours.flatten(0, 1), dim=-1)

@@ -1,7 +1,8 @@
 """ONNX export of a weight-only quantized model (any nn.Module through `quantize_module`: CNNs,
 encoders), run by onnxruntime.
 
-Each QuantLinear / QuantConv2d weight becomes a DequantizeLinear (opset 21) of its integer codes:
+Each quantized layer's record (what `quantize_module` returns, or `load_module` reads back; nothing is
+read out of a kernel's packed layout) becomes a DequantizeLinear (opset 21) of its integer codes:
 int4 / uint4 initializers for up to 4 bits (two codes a byte), int8 / uint8 up to 8; symmetric codes
 signed with no zero point, asymmetric codes unsigned with lowbit's integer zero points; scales as
 float32 (lowbit's float16 scales exactly), one per output channel (axis 0) or one per group of
@@ -38,17 +39,6 @@ OPSET = 21  # blocked DequantizeLinear, int4 / uint4
 log = logging.getLogger(__name__)
 
 
-def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: QuantLinear | QuantConv2d} of `model` (a QuantConv2d's inner QuantLinear not listed)."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantConv2d):
-            out[name] = mod
-        elif isinstance(mod, QuantLinear) and not any(name.startswith(c + ".") for c in out):
-            out[name] = mod
-    return out
-
-
 def check_exportable(name: str, qw: QuantizedWeight) -> None:
     spec = qw.spec
     if spec.dtype != "int":
@@ -65,21 +55,28 @@ def check_exportable(name: str, qw: QuantizedWeight) -> None:
         raise LowbitError(f"{name}: {spec.describe()} has no DequantizeLinear form")
 
 
-def float_copy(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
-    """A copy of `model` with each quantized layer as the nn.Linear / nn.Conv2d of its dequantized weight."""
+def float_copy(model: nn.Module, records: dict[str, QuantizedWeight]) -> nn.Module:
+    """A copy of `model` with each recorded layer (QuantLinear / QuantConv2d, or the float layer
+    itself when not swapped) as the nn.Linear / nn.Conv2d of its dequantized weight."""
     m = copy.deepcopy(model).eval()
-    for name, mod in layers.items():
-        if isinstance(mod, QuantConv2d):
-            inner = mod.inner
+    for name, qw in records.items():
+        mod = m.get_submodule(name)
+        if isinstance(mod, (QuantConv2d, nn.Conv2d)):
+            bias = mod.inner.bias if isinstance(mod, QuantConv2d) else mod.bias
             new = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                            bias=inner.bias is not None)
-            new.weight.data = inner.record().dequantize().reshape(new.weight.shape)
+                            bias=bias is not None)
+        elif isinstance(mod, (QuantLinear, nn.Linear)):
+            bias = mod.bias
+            new = nn.Linear(mod.in_features, mod.out_features, bias=bias is not None)
         else:
-            inner = mod
-            new = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            new.weight.data = mod.record().dequantize()
-        if inner.bias is not None:
-            new.bias.data = inner.bias.detach().float().clone()
+            raise LowbitError(f"{name}: a {type(mod).__name__}, not a quantized Linear / Conv2d; the records do not "
+                              "belong to this model")
+        if tuple(qw.shape) != (new.weight.shape[0], new.weight[0].numel()):
+            raise LowbitError(f"{name}: record of shape {tuple(qw.shape)} does not fit the layer's weight "
+                              f"{tuple(new.weight.shape)}")
+        new.weight.data = qw.dequantize().reshape(new.weight.shape)
+        if bias is not None:
+            new.bias.data = bias.detach().float().clone()
         replace_linear(m, name, new)
     return m
 
@@ -134,25 +131,22 @@ def _weight_nodes(name: str, qw: QuantizedWeight, shape: tuple[int, ...]):
     return inits, nodes
 
 
-def export_weight_only(model: nn.Module, example_inputs: tuple, out: str | Path, *, input_names=None,
-                       output_names=None, dynamic_axes=None) -> Path:
-    """Write the ONNX file of a model whose layers `quantize_module` swapped for QuantLinear /
-    QuantConv2d: DequantizeLinear of integer codes for every such weight (see the module doc)."""
+def export_weight_only(model: nn.Module, records: dict[str, QuantizedWeight], example_inputs: tuple,
+                       out: str | Path, *, input_names=None, output_names=None, dynamic_axes=None) -> Path:
+    """Write the ONNX file of a model quantized by `quantize_module` (its returned `records`, or
+    those `load_module` reads back): DequantizeLinear of integer codes for every recorded weight
+    (see the module doc)."""
     import onnx
     from onnx import version_converter
 
     from lowbit.export.onnx_graph import prune
 
-    layers = quant_layers(model)
-    if not layers:
-        raise LowbitError(f"{type(model).__name__} holds no QuantLinear / QuantConv2d; quantize it with "
-                          "lowbit.quantize_module first")
-    records = {}
-    for name, mod in layers.items():
-        qw = (mod.inner if isinstance(mod, QuantConv2d) else mod).record()
+    if not records:
+        raise LowbitError(f"no quantized layer records for {type(model).__name__}; pass what "
+                          "lowbit.quantize_module returned")
+    for name, qw in records.items():
         check_exportable(name, qw)
-        records[name] = qw
-    shadow = float_copy(model, layers)
+    shadow = float_copy(model, records)
     buf = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(shadow, tuple(example_inputs), buf, dynamo=False, opset_version=EXPORT_OPSET,
@@ -177,9 +171,9 @@ def export_weight_only(model: nn.Module, example_inputs: tuple, out: str | Path,
     prune(g)
     left = {tuple(i.dims) for i in g.initializer if len(i.dims) >= 2 and i.data_type == onnx.TensorProto.FLOAT}
     for name in absent:
-        mod = layers[name]
+        mod = model.get_submodule(name)
         rows, cols = records[name].shape
-        if (rows, cols) in left or (cols, rows) in left or (isinstance(mod, QuantConv2d) and any(
+        if (rows, cols) in left or (cols, rows) in left or (isinstance(mod, (QuantConv2d, nn.Conv2d)) and any(
                 d[0] == rows and len(d) == 4 for d in left)):
             raise LowbitError(f"{name}: torch's ONNX export did not keep its weight as {name}.weight; cannot place "
                               "its DequantizeLinear")

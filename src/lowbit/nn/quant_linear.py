@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.core.formats import codebook
-from lowbit.core.packing import pack_bits, packed_len, unpack_bits
+from lowbit.core.packing import pack_bits, packed_len
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.nn import cpu_kernels, cpu_layout, dequant
@@ -121,24 +121,6 @@ class QuantLinear(HoldsQuantBuffers):
         if bias is not None:
             m.bias = bias.detach().float().clone()
         return m
-
-    def record(self) -> QuantizedWeight:
-        """The layer's quantized-layer record back from its packed buffers (codes in the layer's
-        column order; act-order columns get their g_idx back), e.g. for an exporter."""
-        u = (cpu_layout.unpack(self.qweight, self.spec.bits, self.in_features) if self.kernel == "cpu"
-             else unpack_bits(self.qweight, self.spec.bits, self.in_features))
-        codes = u.to(torch.int16) - self.offset
-        codes = codes.to(torch.int8 if self.offset else torch.uint8)
-        g_idx = None if self.g_idx is None else self.g_idx.clone()
-        if self.perm is not None:
-            perm = self.perm.long()
-            back = torch.empty_like(codes)
-            back[:, perm] = codes
-            codes = back
-            g_idx = torch.empty(self.in_features, dtype=torch.int32)
-            g_idx[perm] = (torch.arange(self.in_features) // self.group_size).to(torch.int32)
-        return QuantizedWeight(codes, self.scale.clone(), None if self.zero is None else self.zero.clone(), self.spec,
-                               g_idx=g_idx)
 
     # ---- compute ------------------------------------------------------------------------
     def _kernel_args(self):
