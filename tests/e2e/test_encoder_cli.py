@@ -93,3 +93,9 @@ def test_calib_shape_checked(minilm_dir, tmp_path):
 
     with pytest.raises(LowbitError, match="--calib-shape must be one of sentences, windows"):
         quantize_encoder_to(minilm_dir, tmp_path / "o", make_recipe(method="gptq"), calib_shape="pages")
+
+
+def test_cli_calib_shape_checked(lowbit_cli, minilm_dir, tmp_path):
+    r = lowbit_cli("quantize", str(minilm_dir), "-o", str(tmp_path / "x"), "--calib-shape", "pages")
+    assert r.code == 2 and "--calib-shape must be one of sentences, windows" in r.err
+    assert not (tmp_path / "x").exists()
