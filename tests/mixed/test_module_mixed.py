@@ -93,6 +93,16 @@ def test_target_outside_reach_is_an_error(measured):
         plan_module_recipe(meas, 1.5)
 
 
+def test_methods_that_cannot_measure_are_refused():
+    m = cnn()
+    x = [torch.randn(4, 3, 8, 8)]
+    for method, msg in (("awq", "measures with gptq"), ("rtn", "calibrated method")):
+        with pytest.raises(LowbitError, match=msg):
+            lowbit.quantize_module(m, x, method=method, target_bpw=3.0, progress=False)
+    with pytest.raises(LowbitError, match="target-bpw must be > 0"):
+        lowbit.quantize_module(m, x, target_bpw=0, progress=False)
+
+
 def test_model_output_picks_the_tensor():
     t = torch.ones(2)
     assert model_output(t) is t and model_output((t, 3)) is t and model_output({"logits": t}) is t

@@ -100,6 +100,9 @@ def measure_module(model: nn.Module, batches: Sequence, *, options: Sequence[Opt
         raise LowbitError(f"mixed precision of {type(model).__name__} needs calibration batches; none were given")
     options = tuple(options or candidate_options(MODULE_BITS, MODULE_GROUPS))
     m = _method(method, method_options)
+    if getattr(m, "smooths", False):
+        raise LowbitError(f"mixed precision of any nn.Module measures with gptq; {method!r} would fold scales into "
+                          "the layers while they are measured")
     model.eval()
     plan, _ = plan_module(model, Recipe(spec=PROBE, method=method, ignore=tuple(ignore)))
     modules = {n: model.get_submodule(n) for n in plan}
