@@ -3,14 +3,19 @@
     make bench-venv-peers                                         # torchao + optimum-quanto beside the main venv
     PYTHONPATH=src bench/.venv-peers/bin/python bench/cnn_encoder.py                  # digits, minilm
     PYTHONPATH=src bench/.venv-peers/bin/python bench/cnn_encoder.py --only digits    # one section (merged)
+    PYTHONPATH=src bench/.venv-peers/bin/python bench/cnn_encoder.py --only onnx      # ONNX export + onnxruntime
 
 digits:  the Digits CNN (bench_data: trained here on load_digits, BatchNorm folded into the convs),
-         for several training seeds: fp32; lowbit RTN and GPTQ (`lowbit.quantize_module`, convs on
+         for several training seeds: fp32; lowbit RTN, AWQ (scales folded into the conv / Linear
+         before each ReLU, `module_awq`) and GPTQ (`lowbit.quantize_module`, convs on
          their unfolded-patch Hessian) at W4 and W3 symmetric per output channel, every conv and
          Linear; optimum-quanto qint4 weights (convs and Linears; it has no 3-bit type); torchao
-         IntxWeightOnly int4 / int3 per channel (it quantizes the Linears only; the convs stay fp32).
+         IntxWeightOnly int4 / int3 per channel (it quantizes the Linears only; the convs stay fp32);
+         lowbit GPTQ mixed precision at 3.0 bits per weight (`target_bpw`, scales included) beside
+         uniform GPTQ W3 and W2 per channel.
          Test accuracy (540 held-out images), its drop from fp32, bytes of the state dict.
-minilm:  all-MiniLM-L6-v2 at W4 g32: lowbit RTN and GPTQ, int4 asymmetric (fp16 scale + zero per 32:
+minilm:  all-MiniLM-L6-v2 at W4 g32: lowbit RTN, AWQ (post-LN: only value -> attention output can
+         absorb a scale; the rest is AWQ's clip search) and GPTQ, int4 asymmetric (fp16 scale + zero per 32:
          5 bits per weight; with --nf4 also NF4, fp16 scale per 32: 4.5 bits), against bitsandbytes NF4
          blocksize 32 (fp32 absmax per 32: 5 bits) on the CPU. Calibration (--calib): 512 sentences of
          the python-docs calibration text in padded batches (default; padding stays out of the
@@ -18,6 +23,9 @@ minilm:  all-MiniLM-L6-v2 at W4 g32: lowbit RTN and GPTQ, int4 asymmetric (fp16 
          embeddings to fp32 on evaluation-text sentences, and retrieval
          recall@10 on evaluation-text paragraphs (query = first sentence, document = the rest,
          ranked against all documents).
+onnx:    lowbit's results exported to ONNX (DequantizeLinear of the integer codes) and run by
+         onnxruntime: Digits GPTQ W4 and mixed 3.0 bpw, MiniLM RTN W4 g32; accuracy / cosine beside
+         lowbit's own kernels, file sizes.
 Results: bench/results/cnn_encoder.json.
 """
 
@@ -38,6 +46,8 @@ from torch import nn
 
 from bench_data import digits_data, load_minilm, mean_pooled, nbytes, train_digits_cnn
 import lowbit
+from lowbit.calibration.sentences import clean_rst, sentence_batches, text_sentences
+from lowbit.mixed.measure import storage_bits
 from lowbit.ptq.fold_bn import fold_batchnorm
 
 RESULTS = Path(__file__).parent / "results" / "cnn_encoder.json"
@@ -89,18 +99,26 @@ def digits_one(seed: int, xtr, xte, ytr, yte, calib_n: int) -> dict:
                 "agreement_with_fp32": float((out.argmax(1) == ref.argmax(1)).float().mean()) * 100}
 
     rows = {"fp32": {**acc(model), "weight_bytes": nbytes(model)}}
+
+    def lowbit_row(label, **kw):
+        q = copy.deepcopy(model)
+        t0 = time.time()
+        rec = lowbit.quantize_module(q, calib, group_size=None, progress=False, **kw)
+        rows[label] = {**acc(q), "weight_bytes": nbytes(q), "layers": len(rec), "seconds": time.time() - t0,
+                       "bits_per_weight": sum(storage_bits(n, r) for n, r in rec.items())
+                       / sum(r.codes.numel() for r in rec.values())}
+
     for bits in (4, 3):
-        for method in ("rtn", "gptq"):
-            q = copy.deepcopy(model)
-            t0 = time.time()
-            rec = lowbit.quantize_module(q, calib, method=method, bits=bits, group_size=None, symmetric=True,
-                                         progress=False)
-            rows[f"lowbit {method.upper()} W{bits} per-channel"] = {
-                **acc(q), "weight_bytes": nbytes(q), "layers": len(rec), "seconds": time.time() - t0}
+        for method in ("rtn", "awq", "gptq"):
+            lowbit_row(f"lowbit {method.upper()} W{bits} per-channel", method=method, bits=bits, symmetric=True)
         name = f"torchao IntxWeightOnly int{bits} per-channel (Linears only)"
         q = _peer(rows, name, lambda b=bits: torchao_intx(model, b))
         if q is not None:
             rows[name] = {**acc(q), "weight_bytes": nbytes(q)}
+    # mixed precision at 3.0 bits per weight (scales included) against uniform 3 and 2 bits
+    lowbit_row("lowbit GPTQ mixed 3.0 bpw (2/3/4/8 bits x g32/g64/g128/channel)", method="gptq", target_bpw=3.0)
+    for sym in (True, False):
+        lowbit_row(f"lowbit GPTQ W2 {'sym' if sym else 'asym'} per-channel", method="gptq", bits=2, symmetric=sym)
     name = "optimum-quanto qint4 weights"
     q = _peer(rows, name, lambda: quanto_w4(model))
     if q is not None:
@@ -125,19 +143,14 @@ def digits(seeds: int, calib_n: int) -> dict:
                                                                              "agreement_with_fp32")}
         rows[k] = {**mean, "accuracy_per_seed": [r["accuracy"] for r in runs],
                    "drop_points_mean": sum(drops) / len(drops), "drop_points_max": max(drops),
-                   "weight_bytes": per_seed[0][k]["weight_bytes"]}
+                   "weight_bytes": per_seed[0][k]["weight_bytes"],
+                   **({"bits_per_weight": per_seed[0][k]["bits_per_weight"]} if "bits_per_weight" in per_seed[0][k] else {})}
     return {"test_images": len(xte), "calibration_images": calib_n, "seeds": seeds,
             "note": "BatchNorm folded into the convs before every variant; drop = fp32 accuracy - variant's, "
                     "same seed", "rows": rows}
 
 
 # ---- MiniLM ---------------------------------------------------------------------------------------
-def _clean_rst(p: str) -> str:
-    p = re.sub(r":[\w:]+:`~?([^`<]*?)(\s*<[^>]*>)?`", r"\1", p)
-    p = re.sub(r"`+([^`]*)`+_?", r"\1", p)
-    return " ".join(p.split())
-
-
 def retrieval_pairs(text: str, n: int) -> list[tuple[str, str]]:
     """(query, document) from prose paragraphs: the first sentence, and the rest of the paragraph."""
     pairs, seen = [], set()
@@ -145,7 +158,7 @@ def retrieval_pairs(text: str, n: int) -> list[tuple[str, str]]:
         lines = para.strip("\n").splitlines()
         if not lines or any(ln.startswith((" ", "\t", "..", "=", "-", "*", ">>>", ":", "+", "|")) for ln in lines):
             continue
-        p = _clean_rst(para)
+        p = clean_rst(para)
         parts = re.split(r"(?<=[.!?])\s+(?=[A-Z])", p, maxsplit=1)
         if len(parts) != 2 or not 30 <= len(parts[0]) <= 300 or not 80 <= len(parts[1]) <= 1500:
             continue
@@ -158,9 +171,7 @@ def retrieval_pairs(text: str, n: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def held_sentences(text: str, n: int) -> list[str]:
-    out = [s.strip() for s in re.split(r"(?<=[.!?])\s+", _clean_rst(text)) if 40 <= len(s.strip()) <= 400]
-    return out[:n]
+held_sentences = text_sentences  # the library's sentence split (also the encoder CLI's calibration)
 
 
 def minilm(n_calib: int, n_sentences: int, n_pairs: int, calib_kind: str = "sentences", nf4: bool = False) -> dict:
@@ -175,9 +186,7 @@ def minilm(n_calib: int, n_sentences: int, n_pairs: int, calib_kind: str = "sent
         calib = [{"input_ids": c, "attention_mask": torch.ones_like(c), "token_type_ids": torch.zeros_like(c)}
                  for c in ids.split(32)]
     else:  # sentences of the calibration text, padded per batch (padding stays out of the Hessians)
-        cal = held_sentences(split.calibration, n_calib)
-        calib = [dict(tok(cal[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-                 for i in range(0, len(cal), 64)]
+        calib = sentence_batches(tok, split.calibration, n_calib, 128)
     sents = held_sentences(split.evaluation, n_sentences)
     pairs = retrieval_pairs(split.evaluation, n_pairs)
 
@@ -207,7 +216,7 @@ def minilm(n_calib: int, n_sentences: int, n_pairs: int, calib_kind: str = "sent
                       "recall_drop_points": ref_recall - recall, **extra}
         log.info("%s: %s", name, rows[name])
 
-    variants = (("rtn", "int"), ("gptq", "int")) + ((("rtn", "nf4"), ("gptq", "nf4")) if nf4 else ())
+    variants = (("rtn", "int"), ("awq", "int"), ("gptq", "int")) + ((("rtn", "nf4"), ("gptq", "nf4")) if nf4 else ())
     for method, dtype in variants:
         q = copy.deepcopy(model)
         t0 = time.time()
@@ -222,6 +231,79 @@ def minilm(n_calib: int, n_sentences: int, n_pairs: int, calib_kind: str = "sent
     what = f"{n_calib} x 128-token windows" if calib_kind == "windows" else f"{n_calib} sentences, padded batches of 64"
     return {"text": source, "calibration": what, "sentences": len(sents),
             "retrieval_pairs": len(pairs), "rows": rows}
+
+
+# ---- ONNX ----------------------------------------------------------------------------------------
+def onnx_export(calib_images: int, n_sentences: int) -> dict:
+    """lowbit's weight-only results exported to ONNX (export/onnx_weights.py) and run by onnxruntime:
+    the Digits CNN (seed 0) at GPTQ W4 per channel and mixed 3.0 bpw, MiniLM at RTN W4 g32 asym
+    (GPTQ's records export the same way; RTN keeps the run short)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from lowbit.export.onnx_weights import export_weight_only
+
+    tmp = Path(tempfile.mkdtemp(prefix="lowbit-onnx-"))
+    rows = {}
+    xtr, xte, ytr, yte = digits_data()
+    model = train_digits_cnn(xtr, ytr, seed=0)
+    fold_batchnorm(model)
+    calib = list(xtr[:calib_images].split(128))
+    torch.onnx.export(model, (xte[:2],), str(tmp / "fp32.onnx"), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    rows["digits fp32 (torch.onnx.export)"] = {"file_bytes": (tmp / "fp32.onnx").stat().st_size}
+    for label, kw in (("GPTQ W4 per-channel", dict(bits=4)), ("GPTQ mixed 3.0 bpw", dict(target_bpw=3.0))):
+        q = copy.deepcopy(model)
+        rec = lowbit.quantize_module(q, calib, method="gptq", group_size=None, progress=False, **kw)
+        path = export_weight_only(q, rec, (xte[:2],), tmp / "q.onnx", input_names=["x"], dynamic_axes={"x": {0: "n"}})
+        y = torch.from_numpy(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                             .run(None, {"x": xte.numpy()})[0])
+        with torch.no_grad():
+            ours = q(xte)
+        rows[f"digits lowbit {label} -> onnxruntime"] = {
+            "file_bytes": path.stat().st_size, "accuracy_onnxruntime": float((y.argmax(1) == yte).float().mean()) * 100,
+            "accuracy_lowbit": float((ours.argmax(1) == yte).float().mean()) * 100,
+            "same_prediction_as_lowbit": float((y.argmax(1) == ours.argmax(1)).float().mean()) * 100,
+            "logits_max_rel_diff_to_lowbit": float((y - ours).abs().max() / ours.abs().max())}
+        log.info("%s: %s", label, rows[f"digits lowbit {label} -> onnxruntime"])
+
+    m, tok, _ = load_minilm()
+    from lowbit.calibration import load_text_or_pydoc
+
+    _, split = load_text_or_pydoc("python-docs")
+    sents = held_sentences(split.evaluation, n_sentences)
+    enc = dict(tok(sents, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    names = ["input_ids", "attention_mask"]
+
+    class Hidden(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    with torch.no_grad():
+        ref = mean_pooled(Hidden(m)(*(enc[n] for n in names)), enc["attention_mask"])
+    q = copy.deepcopy(m)
+    rec = lowbit.quantize_module(q, [dict(tok(sents[:2], padding=True, return_tensors="pt"))], method="rtn",
+                                 bits=4, group_size=32, symmetric=False, progress=False)
+    w = Hidden(q).eval()
+    path = export_weight_only(w, {f"m.{k}": v for k, v in rec.items()}, tuple(enc[n][:2] for n in names), tmp / "minilm.onnx", input_names=names,
+                              dynamic_axes={n: {0: "b", 1: "t"} for n in names})
+    y = torch.from_numpy(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                         .run(None, {n: enc[n].numpy() for n in names})[0])
+    e_ort = mean_pooled(y, enc["attention_mask"])
+    with torch.no_grad():
+        e_ours = mean_pooled(w(*(enc[n] for n in names)), enc["attention_mask"])
+    rows["minilm lowbit RTN W4 g32 asym -> onnxruntime"] = {
+        "file_bytes": path.stat().st_size,
+        "cosine_onnxruntime_to_lowbit_min": float((e_ort * e_ours).sum(-1).min()),
+        "cosine_onnxruntime_to_fp32_mean": float((e_ort * ref).sum(-1).mean()),
+        "cosine_lowbit_to_fp32_mean": float((e_ours * ref).sum(-1).mean()),
+        "note": "file includes the float32 word embeddings (46.9 MB), which lowbit leaves unquantized"}
+    return {"sentences": len(sents), "rows": rows}
 
 
 def bnb_nf4(model, blocksize: int):
@@ -241,7 +323,7 @@ def bnb_nf4(model, blocksize: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="digits,minilm")
+    ap.add_argument("--only", default="digits,minilm,onnx")
     ap.add_argument("--seeds", type=int, default=3, help="Digits CNN training seeds")
     ap.add_argument("--calib-images", type=int, default=512)
     ap.add_argument("--calib", choices=("sentences", "windows"), default="sentences",
@@ -260,6 +342,8 @@ def main() -> None:
         t0 = time.time()
         if section == "digits":
             res = digits(args.seeds, args.calib_images)
+        elif section == "onnx":
+            res = onnx_export(args.calib_images, args.sentences)
         elif section == "minilm":
             res = minilm(args.calib_n, args.sentences, args.pairs, args.calib, args.nf4)
         else:

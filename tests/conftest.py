@@ -54,3 +54,25 @@ def eval_ids(smol):
     from lowbit.calibration import eval_windows, load_text
 
     return eval_windows(smol[1], load_text().evaluation, seq_len=256, max_windows=4)
+
+
+@pytest.fixture(scope="session")
+def digits_cnn():
+    """(model, x, y): a small CNN trained a few seconds on scikit-learn's Digits (images 0-1399 for
+    training, 1400+ held out); do not modify the model in tests (deepcopy it)."""
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    for _ in range(4):
+        for i in range(0, 1400, 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x[i:i + 64]), y[i:i + 64]).backward()
+            opt.step()
+    return m.eval(), x, y

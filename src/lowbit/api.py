@@ -145,7 +145,7 @@ def quantize(model: str = "default", *, method: str = "gptq", bits: int = 4, gro
 def quantize_module(model, batches=None, *, method: str = "gptq", bits: int = 4, group_size: int | None = None,
                     symmetric: bool = True, dtype: str = "int", ignore: tuple[str, ...] = (),
                     options: dict | None = None, recipe: Recipe | str | Path | None = None, swap: bool = True,
-                    progress: bool = True):
+                    progress: bool = True, target_bpw: float | None = None):
     """Weight-quantize any nn.Module (a CNN, an encoder, ...) in place; returns {layer: record}.
 
     Its nn.Linear and nn.Conv2d layers (groups=1) are quantized in the order a forward of the first
@@ -158,10 +158,24 @@ def quantize_module(model, batches=None, *, method: str = "gptq", bits: int = 4,
     QuantConv2d (packed codes, lowbit's kernels).
 
         records = lowbit.quantize_module(cnn, list(calib.split(64)), method="gptq", bits=4)
+
+    `target_bpw`: mixed precision instead of one spec: each layer's option among bits {2, 3, 4, 8} x
+    {g32, g64, g128, per channel} chosen so that the total storage (scales and zeros included) stays
+    within `target_bpw` bits per weight with the least predicted output error (`mixed.module`).
     """
     from lowbit.module_pipeline import quantize_module as run
     from lowbit.recipe import load_recipe
 
+    if target_bpw is not None:
+        from lowbit.mixed.apply import check_target
+        from lowbit.mixed.module import measure_module, plan_module_recipe
+
+        if recipe is not None:
+            raise LowbitError("quantize_module: give either recipe= or target_bpw=, not both")
+        check_target(target_bpw)
+        meas = measure_module(model, batches or [], method=method, method_options=options, ignore=tuple(ignore),
+                              progress=progress)
+        recipe, _ = plan_module_recipe(meas, target_bpw, method=method, options=options, ignore=tuple(ignore))
     if recipe is None:
         recipe = make_recipe(method=method, bits=bits, group_size=group_size, symmetric=symmetric, dtype=dtype,
                              ignore=ignore, options=options)

@@ -133,6 +133,10 @@ def quantize_module(model: nn.Module, recipe: Recipe, method, batches: Sequence 
         w = modules[n].weight
         if not all_finite(w):
             raise LowbitError(f"weight of {n} holds {count_nonfinite(w)} NaN/Inf values; fix it before quantizing")
+    if getattr(method, "smooths", False) and batches:  # AWQ: scales folded before anything is quantized
+        from lowbit.module_awq import smooth_module
+
+        smooth_module(model, groups, plan, batches, n_grid=method.options.n_grid)
     records: dict[str, QuantizedWeight] = {}
     bar = tqdm(groups, desc=f"{method.name} layers", unit="group", disable=not progress)
     for names in bar:

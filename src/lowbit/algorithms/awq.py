@@ -68,7 +68,7 @@ def fake_quant_rtn(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def search_scales(x_absmean: torch.Tensor, weights: Sequence[torch.Tensor], spec: QuantSpec,
                   loss_fn: Callable[[list[torch.Tensor]], float], *, n_grid: int = 20,
                   quantizer: Callable[[torch.Tensor, QuantSpec], torch.Tensor] = fake_quant_rtn,
-                  ) -> tuple[torch.Tensor, float, list[float]]:
+                  cols_per_channel: int = 1) -> tuple[torch.Tensor, float, list[float]]:
     """Grid search of α ∈ {0, 1/n, ..., (n-1)/n}.
 
     For each α: s = compute_scales(...), each W is replaced by quantizer(W·s)/s, and
@@ -76,13 +76,23 @@ def search_scales(x_absmean: torch.Tensor, weights: Sequence[torch.Tensor], spec
     caller wants: the Linears alone, or the attention/MLP module they belong to).
     Returns (best s, best α, losses per grid point). α = 0 with s ≡ 1 is not special-cased: the
     grid's first point is plain mean|ŵ|^-1 scaling, as in AutoAWQ.
+
+    cols_per_channel k > 1: the scale the previous op can absorb is one per channel, and each
+    channel feeds k consecutive columns (a conv's Cin·kh·kw patch values, a Linear after a
+    Flatten of [C, H, W]); the means are taken per channel and s is repeated k times.
     """
     w_mean = _w_absmean(weights, spec)
+    k = int(cols_per_channel)
+    if k > 1:
+        if w_mean.numel() % k or x_absmean.numel() != w_mean.numel():
+            raise LowbitError(f"AWQ scale search: {w_mean.numel()} columns are not channels of {k} columns "
+                              f"(activation means: {x_absmean.numel()})")
+        w_mean, x_absmean = w_mean.reshape(-1, k).mean(1), x_absmean.float().reshape(-1, k).mean(1)
     losses: list[float] = []
     best = (float("inf"), None, 0.0)
     for i in range(n_grid):
         alpha = i / n_grid
-        s = compute_scales(x_absmean, w_mean, alpha)
+        s = compute_scales(x_absmean, w_mean, alpha).repeat_interleave(k)
         qws = [quantizer(W.float() * s, spec) / s for W in weights]
         loss = float(loss_fn(qws))
         losses.append(loss)
@@ -98,22 +108,25 @@ def fold_scales(prev_op: torch.nn.Module, linears: Sequence[torch.nn.Module], s:
                 norm_offset: float = 0.0) -> None:
     """Divide prev_op's output channels by s and multiply the Linears' input columns by s (in place).
 
-    prev_op: an RMSNorm/LayerNorm (anything with a 1-D `weight`, optional `bias`; with
-    `norm_offset` = 1 the norm multiplies by (1 + weight), as in Gemma) or a Linear whose
-    out_features equals the Linears' in_features.
+    prev_op: an RMSNorm/LayerNorm/BatchNorm (anything with a 1-D `weight`, optional `bias`; with
+    `norm_offset` = 1 the norm multiplies by (1 + weight), as in Gemma), a Linear or a Conv2d whose
+    output channels are the scales'. The consumers: Linears reading those channels (each channel
+    k consecutive inputs when in_features = k x channels: a Flatten of [C, H, W]) or Conv2d with
+    that many input channels.
     """
     s = s.float()
     for lin in linears:
-        if lin.weight.shape[1] != s.numel():
-            raise LowbitError(f"AWQ fold: {type(lin).__name__} has {lin.weight.shape[1]} inputs, scales have {s.numel()}")
-    if isinstance(prev_op, torch.nn.Linear):
-        if prev_op.out_features != s.numel():
+        cols = lin.weight.shape[1]
+        if cols % s.numel() or (lin.weight.dim() > 2 and cols != s.numel()):
+            raise LowbitError(f"AWQ fold: {type(lin).__name__} has {cols} inputs, scales have {s.numel()}")
+    if isinstance(prev_op, (torch.nn.Linear, torch.nn.Conv2d)):
+        w = prev_op.weight
+        if w.shape[0] != s.numel():
             raise LowbitError(
-                f"AWQ fold: previous Linear has {prev_op.out_features} outputs, the scales {s.numel()}; "
+                f"AWQ fold: previous {type(prev_op).__name__} has {w.shape[0]} outputs, the scales {s.numel()}; "
                 "fold only where shapes allow"
             )
-        w = prev_op.weight
-        w.copy_((w.float() / s[:, None]).to(w.dtype))
+        w.copy_((w.float() / s.reshape(-1, *[1] * (w.dim() - 1))).to(w.dtype))
         if prev_op.bias is not None:
             prev_op.bias.copy_((prev_op.bias.float() / s).to(prev_op.bias.dtype))
     else:
@@ -125,7 +138,9 @@ def fold_scales(prev_op: torch.nn.Module, linears: Sequence[torch.nn.Module], s:
         if b is not None:
             b.copy_((b.float() / s).to(b.dtype))
     for lin in linears:
-        lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))
+        w = lin.weight
+        cols = s.reshape(1, -1, *[1] * (w.dim() - 2)) if w.dim() > 2 else s.repeat_interleave(w.shape[1] // s.numel())[None, :]
+        w.copy_((w.float() * cols).to(w.dtype))
 
 
 def group_gram(X: torch.Tensor | None, spec: QuantSpec, in_features: int, H: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,7 +50,10 @@ def register(app: typer.Typer) -> None:
         ignore: list[str] = typer.Option([], help="regex of module names to keep in full precision"),
         calib: Optional[str] = typer.Option(None, help="calibration text: pydoc (default), a file/folder, "
                                                          "or a dataset name"),
-        samples: int = typer.Option(64, min=1, help="calibration samples"),
+        samples: Optional[int] = typer.Option(None, min=1, help="calibration samples (default 64; an encoder: "
+                                                                "512 sentences, or 64 windows)"),
+        calib_shape: str = typer.Option("sentences", help="encoders: calibrate on the text's sentences "
+                                                           "(default) or on --seq-len-token windows"),
         seq_len: Optional[int] = typer.Option(None, min=1, help="calibration sample length in tokens (default 512; "
                                                                 "128 for an encoder)"),
         overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
@@ -90,7 +93,7 @@ def register(app: typer.Typer) -> None:
                 raise LowbitError("--scheme writes lowbit checkpoints and takes no --recipe / --format")
             configure(low_memory=low_memory)
             quantize_act_to(model, out, scheme, observer=observer, smoothquant=smoothquant, calib_text=calib,
-                            n_samples=samples, seq_len=seq_len or 512, overwrite=overwrite)
+                            n_samples=samples or 64, seq_len=seq_len or 512, overwrite=overwrite)
             typer.echo(f"saved {out}")
             return
         if observer is not None or smoothquant is not None:
@@ -105,7 +108,7 @@ def register(app: typer.Typer) -> None:
                                   "--dtype")
             check_target(target_bpw)
             configure(low_memory=low_memory)
-            meas = mixed_measurement(model, calib=calib, samples=min(samples, 32), seq_len=seq_len,
+            meas = mixed_measurement(model, calib=calib, samples=min(samples or 64, 32), seq_len=seq_len,
                                      bits_options=bits_options, group_options=group_options,
                                      measurement=measurement, option=option, option_symmetry=option_symmetry)
             hs = None if head_bits is None else api.head_spec(head_bits, group_size)
@@ -124,10 +127,10 @@ def register(app: typer.Typer) -> None:
             if fmt != "lowbit" or state_dir is not None:
                 raise LowbitError("an encoder is saved as a lowbit module checkpoint: no --format / --state-dir")
             quantize_encoder_to(model, out, r, calib_text=calib, n_samples=samples,
-                                seq_len=seq_len or 128, overwrite=overwrite)
+                                seq_len=seq_len or 128, calib_shape=calib_shape, overwrite=overwrite)
             typer.echo(f"saved {out}")
             return
-        api.quantize_to(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len or 512,
+        api.quantize_to(model, out, r, calib_text=calib, n_samples=samples or 64, seq_len=seq_len or 512,
                         overwrite=overwrite,
                         state_dir=state_dir, fmt=fmt, format_options=parse_option_args(format_option),
                         record_stats=record_stats)

@@ -132,6 +132,7 @@ def _capture(pairs, run_block, limit: int) -> list[dict]:
 
 class AWQ(HessianMethod):
     name = "awq"
+    smooths = True  # module_pipeline: AWQ scales found and folded on any nn.Module (module_awq)
     Options = AWQOptions
 
     def prepare_block(self, block, run_block, arch, plan, search=None) -> bool:

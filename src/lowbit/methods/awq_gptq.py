@@ -34,6 +34,7 @@ class AWQGPTQOptions:
 
 class AWQGPTQ(HessianMethod):
     name = "awq+gptq"
+    smooths = True  # module_pipeline: AWQ scales found and folded on any nn.Module (module_awq)
     Options = AWQGPTQOptions
 
     def prepare_block(self, block, run_block, arch, plan, search=None) -> bool:

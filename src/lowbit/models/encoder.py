@@ -52,18 +52,29 @@ def encoder_batches(tokenizer, text: str, n_samples: int, seq_len: int, batch: i
     return [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch)]
 
 
+CALIB_SHAPES = ("sentences", "windows")
+
+
 def quantize_encoder_to(folder: str | Path, out: str | Path, recipe, *, calib_text: str | None = None,
-                        n_samples: int = 64, seq_len: int = 128, overwrite: bool = False, progress: bool = True):
+                        n_samples: int | None = None, seq_len: int = 128, calib_shape: str = "sentences",
+                        overwrite: bool = False, progress: bool = True):
     """Load the encoder in `folder` (AutoModel, float32), quantize it per `recipe`, save to `out`
-    (module checkpoint + config + tokenizer); returns (model, tokenizer)."""
+    (module checkpoint + config + tokenizer); returns (model, tokenizer).
+
+    calib_shape: "sentences" (default: `n_samples` sentences of the calibration text, 512 by
+    default, each at most `seq_len` tokens, padded per batch) or "windows" (`n_samples` windows,
+    64 by default, of `seq_len` tokens: [CLS] + running text + [SEP])."""
     from transformers import AutoModel, AutoTokenizer
 
     from lowbit.calibration import load_text
+    from lowbit.calibration.sentences import sentence_batches
     from lowbit.export.module_checkpoint import MANIFEST, save_module
     from lowbit.io.atomic import check_output_dir
     from lowbit.methods import get_method
     from lowbit.module_pipeline import quantize_module
 
+    if calib_shape not in CALIB_SHAPES:
+        raise LowbitError(f"--calib-shape must be one of {', '.join(CALIB_SHAPES)}; got {calib_shape!r}")
     folder = Path(folder)
     method = get_method(recipe.method, recipe.options)
     check_output_dir(out, overwrite, protect=(folder,), replaceable=lambda p: (p / MANIFEST).is_file())
@@ -72,8 +83,12 @@ def quantize_encoder_to(folder: str | Path, out: str | Path, recipe, *, calib_te
         raise LowbitError("--quantize-head / --head-bits are for causal LMs; an encoder's layers all follow the recipe")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
-    batches = encoder_batches(tokenizer, split.calibration, n_samples, seq_len) if split is not None else [
-        tokenizer(["lowbit"], return_tensors="pt").data]
+    if split is None:
+        batches = [tokenizer(["lowbit"], return_tensors="pt").data]
+    elif calib_shape == "sentences":
+        batches = sentence_batches(tokenizer, split.calibration, n_samples or 512, seq_len)
+    else:
+        batches = encoder_batches(tokenizer, split.calibration, n_samples or 64, seq_len)
     records = quantize_module(model, recipe, method, batches, progress=progress)
     saved = save_module(model, records, out, overwrite=overwrite)
     model.config.save_pretrained(saved)
