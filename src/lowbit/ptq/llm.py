@@ -30,8 +30,9 @@ def block_linears(model) -> list[str]:
 
 
 def quantize_llm(model, scheme_name: str, calib_ids: torch.Tensor | None, *, observer: str | None = None,
-                 smoothquant: float | None = None, batch_size: int = 4, progress: bool = True):
-    """In place; returns the model with Int8Linear in every decoder-block Linear (lm_head stays)."""
+                 smoothquant: float | str | None = None, batch_size: int = 4, progress: bool = True):
+    """In place; returns the model with Int8Linear in every decoder-block Linear (lm_head stays).
+    smoothquant: alpha in [0, 1], or "auto" to search it per smoothing pair for this scheme."""
     s = scheme(scheme_name, observer)
     targets = block_linears(model)
     needs_data = smoothquant is not None or not s.input.dynamic or scheme_name == "w4a8"
@@ -40,7 +41,10 @@ def quantize_llm(model, scheme_name: str, calib_ids: torch.Tensor | None, *, obs
                           "calibration text")
     batches = [] if calib_ids is None else list(calib_ids.split(batch_size))
     if smoothquant is not None:
-        smooth(model, batches, smoothquant)
+        alphas: dict = {}
+        smooth(model, batches, smoothquant, dynamic=s.input.dynamic, alphas=alphas)
+        if alphas:
+            log.info("SmoothQuant alphas searched per pair: %s", alphas)
     if scheme_name == "w4a8":
         return _w4a8(model, s, calib_ids, progress)
     prepare(model, PTQConfig(s, targets=tuple(targets)))
@@ -89,7 +93,7 @@ def to_quantized_model(model, tokenizer, **meta):
 
 
 def quantize_act_to(model_source: str, out, scheme_name: str, *, observer: str | None = None,
-                    smoothquant: float | None = None, calib_text: str | None = None, n_samples: int = 64,
+                    smoothquant: float | str | None = None, calib_text: str | None = None, n_samples: int = 64,
                     seq_len: int = 512, overwrite: bool = False, progress: bool = True):
     """`lowbit quantize MODEL --scheme ...`: check everything that can be checked before loading,
     load, quantize, save atomically to `out` (when given); returns (model, tokenizer)."""
@@ -99,11 +103,11 @@ def quantize_act_to(model_source: str, out, scheme_name: str, *, observer: str |
     from lowbit.models.arch import arch_for
     from lowbit.pipeline import check_finite
     from lowbit.preflight import check_counts, check_source_and_output
-    from lowbit.ptq.smoothquant import smooth_scales
+    from lowbit.ptq.smoothquant import check_alpha
 
     s = scheme(scheme_name, observer)  # unknown scheme / observer: before any work
     if smoothquant is not None:
-        smooth_scales(torch.ones(1), torch.ones(1), smoothquant)
+        check_alpha(smoothquant)
     check_counts(n_samples=n_samples, seq_len=seq_len)
     check_source_and_output(model_source, out, overwrite)
     needs_data = smoothquant is not None or not s.input.dynamic or scheme_name == "w4a8"
