@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: venv demo test bench clean bench-venv-gptq bench-venv-llamacpp bench-venv-tflite figures
+.PHONY: venv demo test bench clean bench-venv-gptq bench-venv-llamacpp bench-venv-tflite bench-venv-peers bench-cnn-encoder figures
 
 venv: .venv/.installed
 
@@ -63,3 +63,16 @@ bench/.venv-tflite/.installed:
 	python3 -m venv bench/.venv-tflite
 	bench/.venv-tflite/bin/pip install -q tensorflow-cpu==2.21.0 numpy==2.4.6
 	touch bench/.venv-tflite/.installed
+
+# Weight-only PTQ peers of bench/cnn_encoder.py (torchao, optimum-quanto): installed with --no-deps in their own
+# venv that sees the main .venv's packages (torch 2.13, transformers, bitsandbytes) through a .pth file.
+bench-venv-peers: bench/.venv-peers/.installed
+
+bench/.venv-peers/.installed: venv
+	python3 -m venv bench/.venv-peers
+	echo "$(abspath .venv)/lib/python3.11/site-packages" > bench/.venv-peers/lib/python3.11/site-packages/main-venv.pth
+	bench/.venv-peers/bin/pip install -q --no-deps torchao==0.18.0 optimum-quanto==0.2.7 ninja==1.13.2
+	touch bench/.venv-peers/.installed
+
+bench-cnn-encoder: bench-venv-peers
+	bench/.venv-peers/bin/python bench/cnn_encoder.py

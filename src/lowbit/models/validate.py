@@ -13,6 +13,7 @@ import torch
 
 from lowbit.core.finite import all_finite, count_nonfinite
 from lowbit.errors import LowbitError
+from lowbit.io.manifest import read_json
 from lowbit.models.arch import DOWN, GATE, K, O, Q, UP, V, Arch, arch_for
 
 
@@ -67,10 +68,7 @@ def read_config(folder: Path) -> dict:
     file = folder / "config.json"
     if not file.is_file():
         raise LowbitError(f"{folder} has no config.json; a model folder needs config.json and *.safetensors")
-    try:
-        config = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LowbitError(f"{file} is not valid JSON ({e})") from None
+    config = read_json(file)
     if not isinstance(config, dict):
         raise LowbitError(f"{file} is not a JSON object")
     try:
