@@ -407,7 +407,7 @@ def static_down_dynamic(model, calib, alpha):
     return ptq.convert(model)
 
 
-def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8) -> dict:
+def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8, rows_filter: list[str] | None = None) -> dict:
     from lowbit.calibration import calibration_batches, eval_windows, load_text
     from lowbit.eval.quality import quality_many
     from lowbit.models import load_model
@@ -417,11 +417,17 @@ def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8) -> dic
     split = load_text()
     calib = calibration_batches(tok, split.calibration, samples, 512)
     ev = eval_windows(tok, split.evaluation, 512, windows)
-    variants = {"W8A8 dynamic": ("w8a8-dynamic", {}), "W8A8 static": ("w8a8-static", {}),
+    variants = {"W8A8 dynamic": ("w8a8-dynamic", {}),
+                "W8A8 dynamic + SmoothQuant auto": ("w8a8-dynamic", {"smoothquant": "auto"}),
+                "W8A8 static": ("w8a8-static", {}),
                 f"W8A8 static + SmoothQuant {alpha}": ("w8a8-static", {"smoothquant": alpha}),
+                "W8A8 static + SmoothQuant auto": ("w8a8-static", {"smoothquant": "auto"}),
+                "W8A8 static (mse) + SmoothQuant auto": ("w8a8-static", {"smoothquant": "auto", "observer": "mse"}),
                 f"W8A8 static + SmoothQuant {alpha}, down_proj dynamic": ("w8a8-static", {"smoothquant": alpha,
                                                                                          "down_dynamic": True}),
                 "W4A8 (GPTQ W4 per channel)": ("w4a8", {})}
+    if rows_filter:
+        variants = {k: v for k, v in variants.items() if any(f in k for f in rows_filter)}
     models, qtime = {}, {}
     for k, (name, kw) in variants.items():
         t0 = time.time()
@@ -453,10 +459,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="SmolLM2 calibration windows")
     ap.add_argument("--windows", type=int, default=4, help="SmolLM2 evaluation windows")
     ap.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant alpha")
+    ap.add_argument("--rows", default="", help="smollm2: only the variants whose name holds one of these "
+                                               "comma-separated strings (fp32 always runs)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (sections merged into it)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
     out["machine"] = {"threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg()[0],
                       "torch": torch.__version__}
     for section in args.only.split(","):
@@ -468,15 +477,16 @@ def main() -> None:
         elif section == "minilm_tflite":
             out["minilm_tflite"] = minilm_tflite(max(3, args.repeats // 5))
         elif section == "smollm2":
-            out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows, args.alpha)
+            out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows, args.alpha,
+                                     [r for r in args.rows.split(",") if r])
         else:
             sys.exit(f"unknown section {section}")
         out[section]["seconds"] = time.time() - t0
         out[section]["load_avg_at_end"] = os.getloadavg()[0]
-        RESULTS.parent.mkdir(exist_ok=True)
-        merged = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # sections run elsewhere meanwhile
+        args.out.parent.mkdir(exist_ok=True)
+        merged = json.loads(args.out.read_text()) if args.out.is_file() else {}  # sections run elsewhere meanwhile
         merged.update({"machine": out["machine"], section: out[section]})
-        RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
+        args.out.write_text(json.dumps(merged, indent=2) + "\n")
         print(json.dumps({section: out[section]}, indent=1), flush=True)
 
 

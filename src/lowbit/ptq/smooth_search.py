@@ -35,15 +35,16 @@ def fake_int8_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, dynamic: bool,
-                   act_absmax: torch.Tensor | None = None) -> float:
+                   act_absmax: torch.Tensor | None = None, refs: list[torch.Tensor] | None = None) -> float:
     """Mean squared error of int8(x / s) @ int8(W · s)^T against x @ W^T, summed over the weights.
-    `act_absmax` [K]: the calibration per-channel max |x| (sets the static per-tensor range)."""
+    `act_absmax` [K]: the calibration per-channel max |x| (sets the static per-tensor range);
+    `refs`: the float outputs x @ W^T when already computed."""
     xs = x / s
     tensor_absmax = None if act_absmax is None else (act_absmax.float() / s).amax()
     xq = fake_int8_input(xs, dynamic, tensor_absmax)
     err = 0.0
-    for w in weights:
-        ref = x @ w.t()
+    for i, w in enumerate(weights):
+        ref = x @ w.t() if refs is None else refs[i]
         err += float((xq @ fake_int8_weight(w * s[None, :]).t() - ref).pow(2).mean())
     return err
 
@@ -58,8 +59,9 @@ def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch
     if not alphas:
         raise LowbitError("SmoothQuant alpha search needs at least one alpha")
     w_absmax = torch.cat(weights).abs().amax(dim=0)
+    refs = [x @ w.t() for w in weights]
     errs = {a: smoothed_error(x, weights, smooth_scales(act_absmax, w_absmax, a), dynamic,
-                              None if dynamic else act_absmax) for a in alphas}
+                              None if dynamic else act_absmax, refs) for a in alphas}
     return min(errs, key=errs.get), errs
 
 

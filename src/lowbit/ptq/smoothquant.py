@@ -36,6 +36,21 @@ def check_alpha(alpha) -> bool:
     return False
 
 
+def parse_alpha(text: str | None) -> float | str | None:
+    """The CLI's --smoothquant: None, "auto", or a number in [0, 1]."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    if t == "auto":
+        return "auto"
+    try:
+        a = float(t)
+    except ValueError:
+        raise LowbitError(f"--smoothquant {text!r}: give a number in [0, 1] or 'auto'") from None
+    check_alpha(a)
+    return a
+
+
 def fold_smoothing(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0) -> None:
     """In place: norm(x) / s and W · s (norm_offset 1: a norm that scales by 1 + weight, as Gemma's).
     `norm` may be a Linear whose output feeds the others through an elementwise product (up_proj
