@@ -136,7 +136,7 @@ def test_bad_shapes_name_the_module():
 @pytest.mark.skipif(__import__("lowbit.nn.cpu_kernels", fromlist=["load"]).load() is None,
                     reason="lowbit._cpu not built for this CPU")
 @pytest.mark.parametrize("name", ["dynamic", "static", "static-asym"])
-@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (37, 100, 30), (256, 384, 1536)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (37, 100, 30), (256, 384, 1536), (5, 70, 19)])
 def test_compiled_quantize_and_rescale_equal_the_torch_ops(monkeypatch, name, m, k, n):
     """lowbit._cpu's one-pass quantize / rescale give bit-identical outputs to core.int8's torch ops."""
     g = torch.Generator().manual_seed(m * 7 + n)
@@ -178,3 +178,4 @@ def test_shared_input_is_quantized_once_and_equals_fresh_quantization(monkeypatc
     y = x.clone()  # equal values, another tensor
     lins[1](y)
     assert len(calls) == 4
+

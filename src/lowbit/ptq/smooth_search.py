@@ -15,7 +15,7 @@ from torch import nn
 from lowbit.core import int8
 from lowbit.errors import LowbitError
 
-ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # 0, 0.1, ..., 1
 
 
 def fake_int8_input(x: torch.Tensor, dynamic: bool, tensor_absmax: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,7 +65,7 @@ def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch
     return min(errs, key=errs.get), errs
 
 
-def sample_inputs(model: nn.Module, names: list[str], batches: list, rows: int = 1024,
+def sample_inputs(model: nn.Module, names: list[str], batches: list, rows: int = 512,
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """Up to `rows` input rows of each named module, drawn evenly from every batch (float32)."""
     from lowbit.ptq.calibrate import run_batch
