@@ -485,6 +485,12 @@ def main() -> None:
         out[section]["load_avg_at_end"] = os.getloadavg()[0]
         args.out.parent.mkdir(exist_ok=True)
         merged = json.loads(args.out.read_text()) if args.out.is_file() else {}  # sections run elsewhere meanwhile
+        if section == "smollm2" and args.rows and isinstance(merged.get(section), dict):
+            # a --rows run replaces only its rows (fp32's perplexity is the same in every run; the
+            # prefill ratios of rows from different runs were measured under different loads)
+            rows = {**merged[section]["rows"], **out[section]["rows"]}
+            runs = {**merged[section].get("row_runs", {}), **{k: args.rows for k in out[section]["rows"] if k != "fp32"}}
+            out[section] = {**out[section], "rows": rows, "row_runs": runs}
         merged.update({"machine": out["machine"], section: out[section]})
         args.out.write_text(json.dumps(merged, indent=2) + "\n")
         print(json.dumps({section: out[section]}, indent=1), flush=True)
