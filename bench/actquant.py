@@ -437,7 +437,8 @@ def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8, rows_f
                 "W8A8 static": ("w8a8-static", {}),
                 f"W8A8 static + SmoothQuant {alpha}": ("w8a8-static", {"smoothquant": alpha}),
                 "W8A8 static + SmoothQuant auto": ("w8a8-static", {"smoothquant": "auto"}),
-                "W8A8 static (mse) + SmoothQuant auto": ("w8a8-static", {"smoothquant": "auto", "observer": "mse"}),
+                "W8A8 static + SmoothQuant auto, clip search": ("w8a8-static", {"smoothquant": "auto",
+                                                                                "clip_search": True}),
                 f"W8A8 static + SmoothQuant {alpha}, down_proj dynamic": ("w8a8-static", {"smoothquant": alpha,
                                                                                          "down_dynamic": True}),
                 "W4A8 (GPTQ W4 per channel)": ("w4a8", {})}

@@ -82,3 +82,33 @@ def test_bad_alpha_named():
         smooth(model, _batches(1), "best")
     with pytest.raises(LowbitError, match="alpha"):
         smooth(model, _batches(1), 1.5)
+
+
+def test_clip_search_trades_rare_outliers_for_a_finer_grid():
+    from lowbit.ptq.smooth_search import search_clip
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 64, generator=g)
+    w = [torch.randn(48, 64, generator=g) * 0.05]
+    c_plain, errs = search_clip(x, w, x.abs().amax())
+    assert errs[c_plain] == min(errs.values()) and errs[c_plain] <= errs[1.0]
+    x[0, 5] = 100.0  # one value far outside: a range that covers it leaves the rest a coarse grid
+    best, errs = search_clip(x, w, x.abs().amax())
+    assert best < 1.0 and errs[best] == min(errs.values()) and errs[best] < 0.9 * errs[1.0]
+    with pytest.raises(LowbitError, match="clip factors"):
+        search_clip(x, w, x.abs().amax(), clips=(1.5,))
+
+
+def test_clip_search_on_a_model_shrinks_ranges_and_only_for_static_per_tensor():
+    from lowbit.nn.int8_linear import Int8Linear
+    from lowbit.ptq.llm import quantize_llm
+
+    with pytest.raises(LowbitError, match="clip_search applies to static"):
+        quantize_llm(_tiny_llama(), "w8a8-dynamic", None, clip_search=True)
+    ids = torch.cat(_batches())
+    plain = quantize_llm(_tiny_llama().float(), "w8a8-static", ids, progress=False)
+    clipped = quantize_llm(_tiny_llama().float(), "w8a8-static", ids, clip_search=True, progress=False)
+    scales = [(a.input_scale, b.input_scale) for a, b in zip(plain.modules(), clipped.modules())
+              if isinstance(a, Int8Linear)]
+    assert len(scales) == 14 and all(float(b) <= float(a) for a, b in scales)
+    assert torch.isfinite(clipped(ids[:1]).logits).all()

@@ -16,6 +16,7 @@ from lowbit.ptq.calibrate import calibrate
 from lowbit.ptq.config import PTQConfig
 from lowbit.ptq.convert import convert
 from lowbit.ptq.prepare import prepare
+from lowbit.ptq.smooth_search import sample_inputs, search_clip
 from lowbit.ptq.smoothquant import smooth
 from lowbit.spec import LayerScheme, scheme
 
@@ -30,11 +31,17 @@ def block_linears(model) -> list[str]:
 
 
 def quantize_llm(model, scheme_name: str, calib_ids: torch.Tensor | None, *, observer: str | None = None,
-                 smoothquant: float | str | None = None, batch_size: int = 4, progress: bool = True):
+                 smoothquant: float | str | None = None, clip_search: bool = False, batch_size: int = 4,
+                 progress: bool = True):
     """In place; returns the model with Int8Linear in every decoder-block Linear (lm_head stays).
-    smoothquant: alpha in [0, 1], or "auto" to search it per smoothing pair for this scheme."""
+    smoothquant: alpha in [0, 1], or "auto" to search it per smoothing pair for this scheme.
+    clip_search (static per-tensor schemes): each layer's calibrated input range is then shrunk by
+    the factor whose int8 output is closest to the float output on sampled calibration inputs."""
     s = scheme(scheme_name, observer)
     targets = block_linears(model)
+    if clip_search and (s.input.dynamic or s.input.granularity != "tensor" or not s.input.symmetric):
+        raise LowbitError(f"clip_search applies to static symmetric per-tensor inputs; {scheme_name} has "
+                          f"{s.input.describe()}")
     needs_data = smoothquant is not None or not s.input.dynamic or scheme_name == "w4a8"
     if needs_data and calib_ids is None:
         raise LowbitError(f"scheme {scheme_name}{' with SmoothQuant' if smoothquant is not None else ''} needs "
@@ -47,10 +54,22 @@ def quantize_llm(model, scheme_name: str, calib_ids: torch.Tensor | None, *, obs
             log.info("SmoothQuant alphas searched per pair: %s", alphas)
     if scheme_name == "w4a8":
         return _w4a8(model, s, calib_ids, progress)
+    samples = sample_inputs(model, targets, batches) if clip_search else {}
+    weights = {n: model.get_submodule(n).weight.detach().float() for n in samples}
     prepare(model, PTQConfig(s, targets=tuple(targets)))
     if not s.input.dynamic:
         calibrate(model, batches, progress=progress)
-    return convert(model)
+    convert(model)
+    if clip_search:
+        clips = {}
+        for name, x in samples.items():
+            mod = model.get_submodule(name)
+            c, _ = search_clip(x, [weights[name]], mod.input_scale * s.input.qmax)
+            mod.input_scale = mod.input_scale * c
+            mod._after_apply()
+            clips[name] = c
+        log.info("static input ranges clipped per layer: %s", clips)
+    return model
 
 
 def _w4a8(model, s: LayerScheme, calib_ids, progress):

@@ -91,3 +91,24 @@ def sample_inputs(model: nn.Module, names: list[str], batches: list, rows: int =
         for h in handles:
             h.remove()
     return {n: torch.cat(v) for n, v in seen.items() if v}
+
+
+CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+
+
+def search_clip(x: torch.Tensor, weights: list[torch.Tensor], tensor_absmax: torch.Tensor,
+                clips: Iterable[float] = CLIPS) -> tuple[float, dict[float, float]]:
+    """(best c, {c: error}): the static per-tensor input range c * tensor_absmax whose int8 output
+    int8(x) @ int8(W)^T is closest (mean squared error, summed over the weights) to x @ W^T.
+    Clipping trades the few outlier tokens' error for a finer grid for all the others; the
+    weights decide which matters more."""
+    clips = list(clips)
+    if not clips or any(not 0 < c <= 1 for c in clips):
+        raise LowbitError(f"clip factors must lie in (0, 1]; got {clips}")
+    refs = [x @ w.t() for w in weights]
+    wq = [fake_int8_weight(w) for w in weights]
+    errs = {}
+    for c in clips:
+        xq = fake_int8_input(x, False, tensor_absmax * c)
+        errs[c] = sum(float((xq @ w.t() - r).pow(2).mean()) for w, r in zip(wq, refs))
+    return min(errs, key=errs.get), errs
