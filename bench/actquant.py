@@ -504,9 +504,11 @@ def main() -> None:
         if section == "smollm2" and args.rows and isinstance(merged.get(section), dict):
             # a --rows run replaces only its rows (fp32's perplexity is the same in every run; the
             # prefill ratios of rows from different runs were measured under different loads)
-            rows = {**merged[section]["rows"], **out[section]["rows"]}
-            runs = {**merged[section].get("row_runs", {}), **{k: args.rows for k in out[section]["rows"] if k != "fp32"}}
-            out[section] = {**out[section], "rows": rows, "row_runs": runs}
+            new_rows = dict(out[section]["rows"])
+            fp32 = {**merged[section].get("row_fp32", {}), args.rows: new_rows.pop("fp32")}  # this run's fp32
+            rows = {**merged[section]["rows"], **new_rows}
+            runs = {**merged[section].get("row_runs", {}), **{k: args.rows for k in new_rows}}
+            out[section] = {**merged[section], "rows": rows, "row_runs": runs, "row_fp32": fp32}
         merged.update({"machine": out["machine"], section: out[section]})
         args.out.write_text(json.dumps(merged, indent=2) + "\n")
         print(json.dumps({section: out[section]}, indent=1), flush=True)
