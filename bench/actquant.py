@@ -434,6 +434,7 @@ def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8, rows_f
     ev = eval_windows(tok, split.evaluation, 512, windows)
     variants = {"W8A8 dynamic": ("w8a8-dynamic", {}),
                 "W8A8 dynamic + SmoothQuant auto": ("w8a8-dynamic", {"smoothquant": "auto"}),
+                f"W8A8 dynamic + SmoothQuant {alpha}": ("w8a8-dynamic", {"smoothquant": alpha}),
                 "W8A8 static": ("w8a8-static", {}),
                 f"W8A8 static + SmoothQuant {alpha}": ("w8a8-static", {"smoothquant": alpha}),
                 "W8A8 static + SmoothQuant auto": ("w8a8-static", {"smoothquant": "auto"}),
