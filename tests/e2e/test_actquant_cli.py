@@ -11,6 +11,7 @@ from lowbit.nn.int8_linear import Int8Linear
 
 @pytest.mark.parametrize("args", [["--scheme", "w8a8-dynamic"],
                                   ["--scheme", "w8a8-static", "--observer", "percentile", "--smoothquant", "0.5"],
+                                  ["--scheme", "w8a8-static", "--smoothquant", "auto"],
                                   ["--scheme", "w4a8"]])
 def test_quantize_save_load(lowbit_cli, tiny_dir, tmp_path, args):
     import lowbit
@@ -35,6 +36,7 @@ def test_quantize_save_load(lowbit_cli, tiny_dir, tmp_path, args):
     (["--scheme", "w8a8-dynamic", "--observer", "mse"], "applies to static schemes"),
     (["--scheme", "w8a8-static", "--observer", "median"], "observer='median' is unknown"),
     (["--scheme", "w8a8-static", "--smoothquant", "1.5"], "alpha=1.5"),
+    (["--scheme", "w8a8-static", "--smoothquant", "strong"], "--smoothquant 'strong'"),
     (["--observer", "mse"], "go with --scheme"),
     (["--scheme", "w8a8-static", "--format", "gguf"], "--scheme writes lowbit checkpoints"),
 ])

@@ -136,7 +136,7 @@ def test_bad_shapes_name_the_module():
 @pytest.mark.skipif(__import__("lowbit.nn.cpu_kernels", fromlist=["load"]).load() is None,
                     reason="lowbit._cpu not built for this CPU")
 @pytest.mark.parametrize("name", ["dynamic", "static", "static-asym"])
-@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (37, 100, 30), (256, 384, 1536)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (37, 100, 30), (256, 384, 1536), (5, 70, 19)])
 def test_compiled_quantize_and_rescale_equal_the_torch_ops(monkeypatch, name, m, k, n):
     """lowbit._cpu's one-pass quantize / rescale give bit-identical outputs to core.int8's torch ops."""
     g = torch.Generator().manual_seed(m * 7 + n)
@@ -153,3 +153,29 @@ def test_compiled_quantize_and_rescale_equal_the_torch_ops(monkeypatch, name, m,
     fused = mod(x)
     monkeypatch.setenv("LOWBIT_KERNELS", "torch")
     assert torch.equal(fused, mod(x))
+
+
+def test_shared_input_is_quantized_once_and_equals_fresh_quantization(monkeypatch):
+    """q / k / v reading one tensor reuse its codes; an in-place change or another tensor does not."""
+    from lowbit.nn import cpu_kernels, shared_input
+
+    ext = cpu_kernels.load()
+    if ext is None:
+        pytest.skip("compiled kernels not built")
+    g = torch.Generator().manual_seed(0)
+    lins = [Int8Linear.from_float(torch.nn.Linear(24, n), DYN) for n in (24, 8, 8)]
+    x = torch.randn(2, 5, 24, generator=g)
+    fresh = [lin.linear2d(x.reshape(-1, 24)).reshape(2, 5, -1) for lin in lins]
+    calls = []
+    real = ext.quantize_rows_i8
+    monkeypatch.setattr(ext, "quantize_rows_i8", lambda t: calls.append(1) or real(t))
+    shared_input.forget()
+    got = [lin(x) for lin in lins]
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(got, fresh))
+    x.mul_(2)  # same object, new version: quantized again
+    doubled = lins[0](x)
+    assert len(calls) == 2 and torch.equal(doubled, lins[0].linear2d(x.reshape(-1, 24)).reshape(2, 5, -1))
+    y = x.clone()  # equal values, another tensor
+    lins[1](y)
+    assert len(calls) == 4
+

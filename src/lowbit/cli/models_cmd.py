@@ -67,8 +67,9 @@ def register(app: typer.Typer) -> None:
                                                         "(replaces --method / --bits ...)"),
         observer: Optional[str] = typer.Option(None, help="w8a8-static: minmax (default) | moving_average | "
                                                           "percentile | mse | entropy"),
-        smoothquant: Optional[float] = typer.Option(None, help="SmoothQuant migration strength alpha in [0, 1] "
-                                                               "(with --scheme)"),
+        smoothquant: Optional[str] = typer.Option(None, help="SmoothQuant migration strength alpha in [0, 1], "
+                                                             "or 'auto' to search it per layer for the scheme "
+                                                             "(with --scheme)"),
         record_stats: bool = typer.Option(False, "--record-stats", help="store the run's time and peak RSS in "
                                                                         "the checkpoint's metadata (for lowbit "
                                                                         "report; files then differ run to run)"),
@@ -88,12 +89,13 @@ def register(app: typer.Typer) -> None:
 
         if scheme is not None:
             from lowbit.ptq.llm import quantize_act_to
+            from lowbit.ptq.smoothquant import parse_alpha
 
             if recipe is not None or fmt != "lowbit":
                 raise LowbitError("--scheme writes lowbit checkpoints and takes no --recipe / --format")
             configure(low_memory=low_memory)
-            quantize_act_to(model, out, scheme, observer=observer, smoothquant=smoothquant, calib_text=calib,
-                            n_samples=samples or 64, seq_len=seq_len or 512, overwrite=overwrite)
+            quantize_act_to(model, out, scheme, observer=observer, smoothquant=parse_alpha(smoothquant),
+                            calib_text=calib, n_samples=samples or 64, seq_len=seq_len or 512, overwrite=overwrite)
             typer.echo(f"saved {out}")
             return
         if observer is not None or smoothquant is not None:

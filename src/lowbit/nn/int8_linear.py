@@ -22,6 +22,7 @@ from lowbit.core.quantize import QuantizedWeight, quantize
 from lowbit.errors import LowbitError
 from lowbit.nn import cpu_kernels
 from lowbit.nn.held_buffers import HoldsQuantBuffers
+from lowbit.nn.shared_input import quantized_once
 from lowbit.spec import ActSpec, LayerScheme
 
 
@@ -140,12 +141,17 @@ class Int8Linear(HoldsQuantBuffers):
                 self._derived = (w_t, inv, self.input_zero, corr, out_scale)
         return self._derived
 
-    def linear2d(self, x2: torch.Tensor) -> torch.Tensor:
+    def linear2d(self, x2: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """x2 [M, K]; `source`: the tensor x2 was reshaped from (dynamic per-token layers reuse its
+        codes when the previous layer quantized the same tensor, `nn.shared_input`)."""
         w_t, inv, zero, corr, out_scale = self._prepared()
         a = self.scheme.input
         ext = cpu_kernels.load()  # the quantize / rescale passes in one loop each, bit-identical to core.int8
         if a.dynamic and a.granularity == "token" and a.bits == 8 and ext is not None:
-            q, s = ext.quantize_rows_i8(x2)
+            if source is None:
+                q, s = ext.quantize_rows_i8(x2)
+            else:
+                q, s = quantized_once(source, ("token", 8, tuple(x2.shape)), lambda: ext.quantize_rows_i8(x2))
             y = ext.rescale_i32(int8.int_matmul(q, w_t), s, out_scale, self.bias, None)
         elif a.dynamic:
             y = int8.dynamic_linear(x2, w_t, out_scale, self.bias, per_token=a.granularity == "token", bits=a.bits)
@@ -162,7 +168,7 @@ class Int8Linear(HoldsQuantBuffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise LowbitError(f"{self.name}: input has {x.shape[-1]} features, the layer takes {self.in_features}")
-        y = self.linear2d(x.reshape(-1, self.in_features))
+        y = self.linear2d(x.reshape(-1, self.in_features), source=x)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def nbytes(self) -> int:

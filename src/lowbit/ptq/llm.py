@@ -16,6 +16,7 @@ from lowbit.ptq.calibrate import calibrate
 from lowbit.ptq.config import PTQConfig
 from lowbit.ptq.convert import convert
 from lowbit.ptq.prepare import prepare
+from lowbit.ptq.smooth_search import sample_inputs, search_clip
 from lowbit.ptq.smoothquant import smooth
 from lowbit.spec import LayerScheme, scheme
 
@@ -30,23 +31,45 @@ def block_linears(model) -> list[str]:
 
 
 def quantize_llm(model, scheme_name: str, calib_ids: torch.Tensor | None, *, observer: str | None = None,
-                 smoothquant: float | None = None, batch_size: int = 4, progress: bool = True):
-    """In place; returns the model with Int8Linear in every decoder-block Linear (lm_head stays)."""
+                 smoothquant: float | str | None = None, clip_search: bool = False, batch_size: int = 4,
+                 progress: bool = True):
+    """In place; returns the model with Int8Linear in every decoder-block Linear (lm_head stays).
+    smoothquant: alpha in [0, 1], or "auto" to search it per smoothing pair for this scheme.
+    clip_search (static per-tensor schemes): each layer's calibrated input range is then shrunk by
+    the factor whose int8 output is closest to the float output on sampled calibration inputs."""
     s = scheme(scheme_name, observer)
     targets = block_linears(model)
+    if clip_search and (s.input.dynamic or s.input.granularity != "tensor" or not s.input.symmetric):
+        raise LowbitError(f"clip_search applies to static symmetric per-tensor inputs; {scheme_name} has "
+                          f"{s.input.describe()}")
     needs_data = smoothquant is not None or not s.input.dynamic or scheme_name == "w4a8"
     if needs_data and calib_ids is None:
         raise LowbitError(f"scheme {scheme_name}{' with SmoothQuant' if smoothquant is not None else ''} needs "
                           "calibration text")
     batches = [] if calib_ids is None else list(calib_ids.split(batch_size))
     if smoothquant is not None:
-        smooth(model, batches, smoothquant)
+        alphas: dict = {}
+        smooth(model, batches, smoothquant, dynamic=s.input.dynamic, alphas=alphas)
+        if alphas:
+            log.info("SmoothQuant alphas searched per pair: %s", alphas)
     if scheme_name == "w4a8":
         return _w4a8(model, s, calib_ids, progress)
+    samples = sample_inputs(model, targets, batches) if clip_search else {}
+    weights = {n: model.get_submodule(n).weight.detach().float() for n in samples}
     prepare(model, PTQConfig(s, targets=tuple(targets)))
     if not s.input.dynamic:
         calibrate(model, batches, progress=progress)
-    return convert(model)
+    convert(model)
+    if clip_search:
+        clips = {}
+        for name, x in samples.items():
+            mod = model.get_submodule(name)
+            c, _ = search_clip(x, [weights[name]], mod.input_scale * s.input.qmax)
+            mod.input_scale = mod.input_scale * c
+            mod._after_apply()
+            clips[name] = c
+        log.info("static input ranges clipped per layer: %s", clips)
+    return model
 
 
 def _w4a8(model, s: LayerScheme, calib_ids, progress):
@@ -89,7 +112,7 @@ def to_quantized_model(model, tokenizer, **meta):
 
 
 def quantize_act_to(model_source: str, out, scheme_name: str, *, observer: str | None = None,
-                    smoothquant: float | None = None, calib_text: str | None = None, n_samples: int = 64,
+                    smoothquant: float | str | None = None, calib_text: str | None = None, n_samples: int = 64,
                     seq_len: int = 512, overwrite: bool = False, progress: bool = True):
     """`lowbit quantize MODEL --scheme ...`: check everything that can be checked before loading,
     load, quantize, save atomically to `out` (when given); returns (model, tokenizer)."""
@@ -99,11 +122,11 @@ def quantize_act_to(model_source: str, out, scheme_name: str, *, observer: str |
     from lowbit.models.arch import arch_for
     from lowbit.pipeline import check_finite
     from lowbit.preflight import check_counts, check_source_and_output
-    from lowbit.ptq.smoothquant import smooth_scales
+    from lowbit.ptq.smoothquant import check_alpha
 
     s = scheme(scheme_name, observer)  # unknown scheme / observer: before any work
     if smoothquant is not None:
-        smooth_scales(torch.ones(1), torch.ones(1), smoothquant)
+        check_alpha(smoothquant)
     check_counts(n_samples=n_samples, seq_len=seq_len)
     check_source_and_output(model_source, out, overwrite)
     needs_data = smoothquant is not None or not s.input.dynamic or scheme_name == "w4a8"
