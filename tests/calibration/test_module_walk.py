@@ -136,26 +136,8 @@ def test_conv_gptq_beats_rtn_on_random_data(spec):
     assert errs["gptq"] < 0.6 * errs["rtn"], errs
 
 
-def _digits_cnn():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-                      nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(m.parameters(), 3e-3)
-    for _ in range(4):
-        for i in range(0, 1400, 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(x[i:i + 64]), y[i:i + 64]).backward()
-            opt.step()
-    return m.eval(), x, y
-
-
-def test_conv_gptq_beats_rtn_on_real_data():
-    m, x, y = _digits_cnn()
+def test_conv_gptq_beats_rtn_on_real_data(digits_cnn):
+    m, x, y = digits_cnn
     calib, held, yh = list(x[:512].split(128)), x[1400:], y[1400:]
     with torch.no_grad():
         ref = m(held)

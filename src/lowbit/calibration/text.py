@@ -38,8 +38,10 @@ def read_text_file(path: Path) -> str:
                           "convert it to UTF-8 or pass another file") from None
 
 
-def _jsonl_documents(path: Path, field: str) -> list[str]:
-    docs = []
+def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a .jsonl file; one error naming the line
+    that is not a JSON object."""
+    rows = []
     for i, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -47,7 +49,16 @@ def _jsonl_documents(path: Path, field: str) -> list[str]:
             row = json.loads(line)
         except ValueError:
             raise LowbitError(f"{path}:{i} is not valid JSON") from None
-        if not isinstance(row, dict) or field not in row:
+        if not isinstance(row, dict):
+            raise LowbitError(f"{path}:{i} is not a JSON object")
+        rows.append((i, row))
+    return rows
+
+
+def _jsonl_documents(path: Path, field: str) -> list[str]:
+    docs = []
+    for i, row in jsonl_rows(path):
+        if field not in row:
             raise LowbitError(f"{path}:{i} has no {field!r} field")
         docs.append(str(row[field]))
     return docs

@@ -20,6 +20,22 @@ def run_batch(model, batch):
     return model(batch)
 
 
+def feed_inputs(model, names: list[str], batches: Iterable, on_input) -> None:
+    """Run every batch through `model` (no grad) with `on_input(name, x)` called on the first input
+    of each named module as it runs."""
+    def hook_for(name):
+        return lambda module, args: on_input(name, args[0].detach())
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                run_batch(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def calibrate(model, batches: Iterable, progress: bool = False) -> int:
     """Feed every batch (a tensor, a tuple of positional inputs, or a dict of keyword inputs)
     through the model; returns the number of batches. Data the model's modules cannot take

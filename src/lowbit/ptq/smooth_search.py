@@ -68,28 +68,18 @@ def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch
 def sample_inputs(model: nn.Module, names: list[str], batches: list, rows: int = 512,
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """Up to `rows` input rows of each named module, drawn evenly from every batch (float32)."""
-    from lowbit.ptq.calibrate import run_batch
+    from lowbit.ptq.calibrate import feed_inputs
 
     per_batch = max(1, rows // max(1, len(batches)))
     gen = torch.Generator().manual_seed(seed)
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1])
-            idx = torch.randperm(x.shape[0], generator=gen)[:per_batch]
-            seen[name].append(x[idx].float())
-        return hook
+    def on_input(name, x):
+        x = x.reshape(-1, x.shape[-1])
+        idx = torch.randperm(x.shape[0], generator=gen)[:per_batch]
+        seen[name].append(x[idx].float())
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                run_batch(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    feed_inputs(model, names, batches, on_input)
     return {n: torch.cat(v) for n, v in seen.items() if v}
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.ptq.calibrate import run_batch
+from lowbit.ptq.calibrate import feed_inputs
 from lowbit.ptq.smooth_search import sample_inputs, search_alpha
 
 EPS = 1e-5
@@ -90,23 +90,13 @@ def input_absmax(model: nn.Module, names: list[str], batches: Iterable) -> dict[
     """Per-channel max |input| of each named module over the batches."""
     seen: dict[str, torch.Tensor] = {}
 
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0].detach()
-            if not bool(torch.isfinite(x).all()):
-                raise LowbitError(f"{name}: NaN/Inf activations during SmoothQuant calibration")
-            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
-            seen[name] = m if name not in seen else torch.maximum(seen[name], m)
-        return hook
+    def on_input(name, x):
+        if not bool(torch.isfinite(x).all()):
+            raise LowbitError(f"{name}: NaN/Inf activations during SmoothQuant calibration")
+        m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        seen[name] = m if name not in seen else torch.maximum(seen[name], m)
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                run_batch(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    feed_inputs(model, names, batches, on_input)
     return seen
 
 

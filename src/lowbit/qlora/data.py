@@ -11,13 +11,12 @@ example (k = 1 / eval_fraction) is held out.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lowbit.calibration.text import load_documents, read_text_file, split_text
+from lowbit.calibration.text import jsonl_rows, load_documents, split_text
 from lowbit.errors import LowbitError
 
 IGNORE = -100
@@ -57,17 +56,7 @@ def _windows(tokenizer, text: str, seq_len: int, max_windows: int | None, what: 
 
 
 def _rows(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    for i, line in enumerate(read_text_file(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise LowbitError(f"{path}:{i} is not valid JSON") from None
-        if not isinstance(row, dict):
-            raise LowbitError(f"{path}:{i} is not a JSON object")
-        rows.append((i, row))
+    rows = jsonl_rows(path)
     if not rows:
         raise LowbitError(f"{path} holds no examples (empty file)")
     return rows
