@@ -132,6 +132,19 @@ def test_hybrid_init_starts_at_the_ptq_model():
     for name, layer in qat_layers(model).items():
         assert torch.equal(layer.record().codes, records[name].codes)
         assert torch.equal(layer.record().scale, records[name].scale)
+    with torch.no_grad():
+        y_fake = model(x)
+    convert_qat(model, kernel="torch")
+    with torch.no_grad():
+        y_ptq = ptq(x)
+        y_real = model(x)
+    for name in records:
+        lin = model.get_submodule(name)
+        lin = lin.inner if hasattr(lin, "inner") else lin
+        ref = ptq.get_submodule(name)
+        w_ptq = records[name].dequantize().reshape(ref.weight.shape)
+        assert torch.equal(lin.dense_weight(torch.float32).reshape(ref.weight.shape), w_ptq)
+    assert (y_real - y_fake).abs().max() <= 2e-2 * y_fake.abs().max()
 
 
 def test_bad_input():
@@ -143,3 +156,58 @@ def test_bad_input():
         prepare_qat(cnn(), QATConfig(INT8_SCHEMES["w4a8-static"]))
     with pytest.raises(LowbitError, match="unknown"):
         qat_scheme("w9z3")
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 5), groups=st.integers(1, 3), bits=st.integers(2, 8), sym=st.booleans(),
+       seed=st.integers(0, 1000), gran=st.sampled_from(["group", "channel", "tensor"]))
+def test_grouped_fast_path_matches_autograd_path(rows, groups, bits, sym, seed, gran):
+    from lowbit.core.fake_quant import fake_quantize_grouped
+
+    g = torch.Generator().manual_seed(seed)
+    spec = QuantSpec(bits=bits, symmetric=sym, granularity=gran, group_size=8 if gran == "group" else None)
+    x = torch.randn(rows, groups * 8, generator=g) * 3
+    s0, z0 = choose_qparams(x, spec)
+    grads = []
+    for fast in (False, True):
+        scale = (s0.float() * 0.7).requires_grad_()
+        zero = None if z0 is None else (z0.float() + 0.4).requires_grad_()
+        s, z = stored_qparams(scale, zero, spec)
+        xr = x.clone().requires_grad_()
+        if fast:
+            dq, codes = fake_quantize_grouped(xr, s, z, spec)
+        else:
+            q, codes, se = learned_codes(xr, s, z, spec)
+            dq = q * se
+        w = torch.linspace(-1, 1, dq.numel()).reshape(dq.shape)
+        (dq * w).sum().backward()
+        grads.append((dq.detach(), codes.float(), xr.grad, scale.grad, None if zero is None else zero.grad))
+    a, b = grads
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.allclose(a[2], b[2], rtol=1e-6, atol=0)  # autograd's path goes through (1/s)·s
+    for ga, gb in zip(a[3:], b[3:]):
+        if ga is not None:
+            assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_act_order_record_trains_in_permuted_order():
+    from lowbit.core.quantize import QuantizedWeight, quantize
+
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    spec = QuantSpec(bits=3, symmetric=False, granularity="group", group_size=8)
+    p = torch.randperm(32)
+    qp = quantize(lin.weight.detach()[:, p], spec)  # groups contiguous in the permuted order
+    codes = torch.empty_like(qp.codes).index_copy_(1, p, qp.codes)
+    g_idx = torch.empty(32, dtype=torch.int32).index_copy_(0, p, (torch.arange(32) // 8).to(torch.int32))
+    rec = QuantizedWeight(codes, qp.scale, qp.zero, spec, g_idx)
+    model = nn.Sequential(lin)
+    prepare_qat(model, QATConfig(LayerScheme(spec)), init={"0": rec})
+    layer = qat_layers(model)["0"]
+    assert layer.perm is not None
+    back = layer.record()
+    assert torch.equal(back.codes, rec.codes) and torch.equal(back.g_idx, rec.g_idx)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        ref = nn.functional.linear(x, rec.dequantize(), lin.bias)
+        assert (model(x) - ref).abs().max() <= 1e-5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.core.groups import expand_params
+from lowbit.core.groups import expand_params, to_groups
 from lowbit.core.qparams import choose_qparams
 from lowbit.core.quantize import dequantize, quantize_codes
 from lowbit.errors import LowbitError
@@ -139,3 +139,62 @@ def fake_quantize_activation(x: torch.Tensor, spec, scale: torch.Tensor | None =
     """Dequantized `activation_codes`."""
     q, s = activation_codes(x, spec, scale, zero)
     return q * s
+
+
+class _GroupedLearnedFakeQuant(torch.autograd.Function):
+    """dq = (clamp(round(w/s + z)) - z) · s over grouped views w3 [rows, G, gs], s3 / z3
+    [rows|1, G, 1], with LSQ / LSQ+ gradients written out (a handful of passes over the
+    weights instead of autograd's tens)."""
+
+    @staticmethod
+    def forward(ctx, w3, s3, z3, qmin, qmax):
+        u = w3 / s3
+        if z3 is not None:
+            u = u + z3
+        q = torch.round(u).clamp_(qmin, qmax)
+        dq = (q - z3) * s3 if z3 is not None else q * s3
+        ctx.save_for_backward(u, q, s3, z3)
+        ctx.bounds = (qmin - 0.5, qmax + 0.5)
+        ctx.mark_non_differentiable(q)
+        return dq, q
+
+    @staticmethod
+    def backward(ctx, g, _gq):
+        u, q, s3, z3 = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        outside = (u < lo) | (u > hi)
+        gw = g.masked_fill(outside, 0.0) if ctx.needs_input_grad[0] else None
+        gs = gz = None
+        if ctx.needs_input_grad[1]:
+            t = q - u  # inside: (q - z) - w/s = q - u
+            if z3 is not None:
+                t = torch.where(outside, q - z3, t)
+            else:
+                t = torch.where(outside, q, t)
+            gs = _reduce_to(g * t, s3.shape)
+        if z3 is not None and ctx.needs_input_grad[2]:
+            gz = _reduce_to(g.masked_fill(~outside, 0.0) * (-s3), z3.shape)
+        return gw, gs, gz, None, None
+
+
+def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
+    t = t.sum(dim=-1, keepdim=True)
+    for d, n in enumerate(shape):
+        if n == 1 and t.shape[d] != 1:
+            t = t.sum(dim=d, keepdim=True)
+    return t
+
+
+def fake_quantize_grouped(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                          spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fake_quantize_learned` for contiguous groups (no g_idx), the fast path QAT trains with:
+    the same codes and forward values (elementwise the same arithmetic as `quantize_codes` /
+    `dequantize`), the same LSQ / LSQ+ / STE gradients. Returns (dequantized x, codes as float)."""
+    if spec.dtype != "int" or spec.scaled_zero or spec.superblock is not None:
+        raise LowbitError(f"learned fake quantization takes plain integer specs; got {spec.describe()}")
+    shape = x.shape
+    x3 = to_groups(x, spec)
+    s3 = scale.unsqueeze(-1)
+    z3 = None if zero is None else zero.unsqueeze(-1)
+    dq, q = _GroupedLearnedFakeQuant.apply(x3, s3, z3, spec.qmin, spec.qmax)
+    return dq.reshape(shape), q.reshape(shape)

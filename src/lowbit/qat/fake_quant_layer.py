@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.core.fake_quant import activation_codes, fake_quantize_learned, learned_codes, stored_qparams
+from lowbit.core.fake_quant import (activation_codes, fake_quantize_grouped, fake_quantize_learned, learned_codes,
+                                    stored_qparams)
 from lowbit.core.qparams import choose_qparams
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.nn.int8_conv import patches
+from lowbit.nn.quant_linear import regular_perm
 from lowbit.spec import LayerScheme
 
 
@@ -33,7 +35,9 @@ class FakeQuantLayer(nn.Module):
         spec = scheme.weight
         spec.check_shape(self.out_features, self.in_features, name)
         w = module.weight.detach().float()
-        self.register_buffer("g_idx", None)
+        self.register_buffer("g_idx", None)  # act-order groups no column permutation makes contiguous
+        self.register_buffer("perm", None)  # act-order made contiguous: weight columns held in this order
+        self.register_buffer("saved_g_idx", None)
         if record is not None:
             if record.spec != spec:
                 raise LowbitError(f"{name}: the PTQ record is {record.spec.describe()}, the QAT scheme "
@@ -44,10 +48,15 @@ class FakeQuantLayer(nn.Module):
             w = record.dequantize(torch.float32).reshape(module.weight.shape)  # the PTQ weights, exactly
             scale, zero = record.scale.float(), None if record.zero is None else record.zero.float()
             if record.g_idx is not None:
-                self.g_idx = record.g_idx.detach().clone()
+                perm = regular_perm(record.g_idx, spec.group_size if spec.granularity == "group" else None)
+                if perm is None:
+                    self.g_idx = record.g_idx.detach().clone()
+                else:
+                    self.perm, self.saved_g_idx = perm, record.g_idx.detach().clone()
+                    w = w.reshape(self.out_features, -1)[:, perm]
         else:
             scale, zero = choose_qparams(w.reshape(self.out_features, -1), spec)
-        self.weight = nn.Parameter(w.clone())
+        self.weight = nn.Parameter(w.clone().contiguous())
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().float().clone())
         learned = weight_range == "lsq"
         self.weight_scale = nn.Parameter(scale.clone(), requires_grad=learned) if learned else None
@@ -70,18 +79,27 @@ class FakeQuantLayer(nn.Module):
         return stored_qparams(self.weight_scale, self.weight_zero, spec)
 
     def fake_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fake-quantized weight [out, in], its integer codes)."""
+        """(fake-quantized weight [out, in], its integer codes), columns in `perm` order if set."""
         s, z = self._qparams()
-        return fake_quantize_learned(self.weight.reshape(self.out_features, -1), s, z, self.scheme.weight,
-                                     self.g_idx)
+        w2 = self.weight.reshape(self.out_features, -1)
+        if self.g_idx is None:
+            return fake_quantize_grouped(w2, s, z, self.scheme.weight)
+        return fake_quantize_learned(w2, s, z, self.scheme.weight, self.g_idx)
 
     def record(self) -> QuantizedWeight:
-        """The quantized-layer record of the current weights: the codes the forward uses, exactly."""
+        """The quantized-layer record of the current weights: the codes the forward uses, exactly
+        (in the layer's column order, with the PTQ record's g_idx when it had one)."""
         with torch.no_grad():
             s, z = self._qparams()
-            _, codes = self.fake_weight()
-            return QuantizedWeight(codes, s.detach().clone(), None if z is None else z.detach().clone(),
-                                   self.scheme.weight, None if self.g_idx is None else self.g_idx.clone())
+            _, q = self.fake_weight()
+            spec = self.scheme.weight
+            codes = q.to(torch.int8 if spec.symmetric else torch.uint8)
+            g_idx = self.g_idx
+            if self.perm is not None:
+                codes = torch.empty_like(codes).index_copy_(1, self.perm, codes)
+                g_idx = self.saved_g_idx
+            return QuantizedWeight(codes, s.detach().clone(), None if z is None else z.detach().clone(), spec,
+                                   None if g_idx is None else g_idx.clone())
 
     def set_input_range(self, scale: torch.Tensor, zero: torch.Tensor | None, learn: bool) -> None:
         self.input_scale.data = torch.as_tensor(scale, dtype=torch.float32).reshape(()).clone()
@@ -103,6 +121,8 @@ class FakeQuantLayer(nn.Module):
         a = self.scheme.input
         if a is None:
             w, _ = self.fake_weight()
+            if self.perm is not None:
+                x2 = x2.index_select(1, self.perm)
             return F.linear(x2, w, self.bias)
         s, z = self._qparams()
         qw, _, _ = learned_codes(self.weight.reshape(self.out_features, -1), s, z, self.scheme.weight, self.g_idx)
