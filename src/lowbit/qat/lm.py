@@ -134,8 +134,14 @@ def train_qat_lm(model_source: str, out: str | Path | None, opts: LMQATOptions, 
     from lowbit.models import load_model
     from lowbit.preflight import check_source_and_output
 
-    if out is not None:
-        check_source_and_output(model_source, out, overwrite)
+    kind, path = check_source_and_output(model_source, out, overwrite) if out is not None else (None, None)
+    if kind in ("default", "folder"):  # a scheme the model cannot take fails before any load
+        from lowbit.models.loader import default_model_dir
+        from lowbit.models.validate import check_recipe_fits, read_config
+        from lowbit.recipe import Recipe
+
+        check_recipe_fits(Recipe(spec=qat_scheme(opts.scheme).weight, method="rtn"),
+                          read_config(default_model_dir() if kind == "default" else path))
     split = load_text(opts.data)
     teacher, tokenizer = load_model(model_source)
     teacher.eval()
