@@ -105,7 +105,7 @@ def ppl(model, windows) -> float:
 
 
 def smollm2(scheme: str, minutes: float, max_steps: int, eval_every: int, eval_windows_n: int, text: str,
-            lr: float, qparam_lr: float, batch: int, seq_len: int) -> dict:
+            lr: float, qparam_lr: float, batch: int, seq_len: int, tag: str = "") -> dict:
     from lowbit.calibration import eval_windows
     from lowbit.calibration.text import load_text_or_pydoc
     from lowbit.models import load_model
@@ -176,7 +176,7 @@ def smollm2(scheme: str, minutes: float, max_steps: int, eval_every: int, eval_w
     inc = g["ptq_ppl"] - ppl_fp
     out["hybrid_cut_of_gptq_increase"] = (g["ptq_ppl"] - g["qat_ppl"]) / inc if inc > 0 else None
     out["hybrid_beats_rtn_qat"] = g["qat_ppl"] < r["qat_ppl"]
-    plot(out, RESULTS / f"qat_{scheme}.png")
+    plot(out, RESULTS / f"qat_{scheme}{tag}.png")
     return out
 
 
@@ -242,21 +242,24 @@ def main() -> None:
     ap.add_argument("--qparam-lr", type=float, default=1e-5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--tag", default="", help="suffix of the result key and the plot (several settings side by side)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import lowbit._cpu  # noqa: F401  (after torch)
 
     path = RESULTS / "qat.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
     only = args.only.split(",")
+    results = {}
     if "digits" in only:
         results["digits"] = digits()
     if "smollm2" in only:
-        results[f"smollm2_{args.scheme}"] = smollm2(args.scheme, args.minutes, args.steps, args.eval_every,
-                                                    args.eval_windows, args.text, args.lr, args.qparam_lr, args.batch,
-                                                    args.seq_len)
+        results[f"smollm2_{args.scheme}{args.tag}"] = smollm2(args.scheme, args.minutes, args.steps, args.eval_every,
+                                                              args.eval_windows, args.text, args.lr, args.qparam_lr,
+                                                              args.batch, args.seq_len, args.tag)
     RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    merged = json.loads(path.read_text()) if path.is_file() else {}  # read at the end: runs may overlap
+    merged.update(results)
+    path.write_text(json.dumps(merged, indent=2))
     print(f"wrote {path}")
 
 
