@@ -181,7 +181,7 @@ def smollm2(scheme: str, minutes: float, max_steps: int, eval_every: int, eval_w
 
 
 def export_check(student, tok, windows) -> dict:
-    """convert -> lowbit checkpoint -> reload (same logits) -> GPTQ format written."""
+    """convert -> lowbit checkpoint -> reload (same logits) -> GPTQ (v2) format written."""
     import lowbit
     from lowbit.export import format_module
     from lowbit.export.model import QuantizedModel
@@ -201,7 +201,8 @@ def export_check(student, tok, windows) -> dict:
         info = {"converted_vs_fake_max_abs_logit": float((real - fake).abs().max()),
                 "reloaded_vs_converted_max_abs_logit": float((again - real).abs().max())}
         try:
-            format_module("gptq").write(qm, Path(d) / "gptq")
+            # v2: trained asymmetric grids can hold a zero point of 0, which v1 (stores z - 1) cannot
+            format_module("gptq").write(qm, Path(d) / "gptq", checkpoint_format="gptq_v2")
             info["gptq_format_files"] = sorted(p.name for p in (Path(d) / "gptq").iterdir())
         except Exception as e:  # a format that cannot hold the spec says so
             info["gptq_format_error"] = f"{type(e).__name__}: {e}"
