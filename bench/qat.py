@@ -109,7 +109,7 @@ def smollm2(scheme: str, minutes: float, max_steps: int, eval_every: int, eval_w
     from lowbit.calibration import eval_windows
     from lowbit.calibration.text import load_text_or_pydoc
     from lowbit.models import load_model
-    from lowbit.qat import convert_qat, qat_parameters
+    from lowbit.qat import qat_parameters
     from lowbit.qat.lm import LMQATOptions, prepare_lm_student, training_tokens, window_batches
     from lowbit.qat.losses import causal_lm_kd
     from lowbit.qat.trainer import TrainConfig, train
@@ -246,7 +246,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the result key and the plot (several settings side by side)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    import lowbit._cpu  # noqa: F401  (after torch)
+    import lowbit._cpu  # noqa: F401,E402  (after torch)
 
     path = RESULTS / "qat.json"
     only = args.only.split(",")

@@ -123,8 +123,15 @@ def test_learned_codes_forward_is_dequantize_of_codes(rows, groups, bits, sym, s
 
 
 def test_hybrid_init_starts_at_the_ptq_model():
+    from lowbit.ptq.fold_bn import fold_batchnorm
+
     model = cnn()
     x, _ = data()
+    with pytest.raises(LowbitError, match="fold first"):
+        recs = lowbit.quantize_module(copy.deepcopy(model), [x], method="rtn", bits=4, group_size=8, swap=False,
+                                      progress=False, ignore=(r"^0$",))
+        prepare_qat(copy.deepcopy(model), QATConfig(LayerScheme(recs["3"].spec), ignore=(r"^0$",)), init=recs)
+    fold_batchnorm(model)  # BN folded before PTQ, so the records are of the convs QAT trains
     ptq = copy.deepcopy(model)
     records = lowbit.quantize_module(ptq, [x], method="gptq", bits=4, group_size=8, swap=False, progress=False,
                                      ignore=(r"^0$",))
@@ -145,6 +152,7 @@ def test_hybrid_init_starts_at_the_ptq_model():
         w_ptq = records[name].dequantize().reshape(ref.weight.shape)
         assert torch.equal(lin.dense_weight(torch.float32).reshape(ref.weight.shape), w_ptq)
     assert (y_real - y_fake).abs().max() <= 2e-2 * y_fake.abs().max()
+    assert (y_ptq - y_fake).abs().max() <= 1e-5  # step 0 is the PTQ model (its weights written back)
 
 
 def test_bad_input():

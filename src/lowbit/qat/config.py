@@ -41,7 +41,8 @@ def qat_scheme(name: str) -> LayerScheme:
     elif key.upper() in PRESETS:
         s = LayerScheme(PRESETS[key.upper()])
     else:
-        raise LowbitError(f"--scheme {name!r} is unknown; choose a weight preset ({', '.join(p.lower() for p in PRESETS)}) "
+        presets = ", ".join(p.lower() for p in PRESETS)
+        raise LowbitError(f"--scheme {name!r} is unknown; choose a weight preset ({presets}) "
                           f"or an activation scheme ({', '.join(SCHEMES)})")
     check_scheme(s, f"--scheme {name}")
     return s

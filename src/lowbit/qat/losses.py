@@ -15,7 +15,8 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) of the softened distributions (x T²)."""
     t = temperature
     s = F.log_softmax(student_logits.float() / t, dim=-1)

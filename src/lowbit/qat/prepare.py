@@ -58,15 +58,19 @@ def prepare_qat(model: nn.Module, config: QATConfig, init: Mapping[str, Quantize
     if getattr(model, ATTR, None) is not None:
         raise LowbitError(f"{type(model).__name__} is already prepared for QAT; convert_qat() it or start fresh")
     folded = []
+    init = dict(init or {})
     if config.fold_bn:
         pairs = [*sequential_pairs(model), *config.bn_pairs]
+        clash = [conv for conv, _ in pairs if conv in init]
+        if clash:
+            raise LowbitError(f"{clash[0]}: its PTQ record is of the conv before BatchNorm folding; fold first "
+                              "(lowbit.ptq.fold_bn.fold_batchnorm(model.eval())), then quantize and prepare_qat")
         if pairs:
             was_training = model.training
             model.eval()
             folded = fold_batchnorm(model, pairs)
             model.train(was_training)
     plan = plan_modules(model, config)
-    init = dict(init or {})
     unknown = [n for n in init if n not in plan]
     if unknown:
         raise LowbitError(f"PTQ records for {unknown[:3]} match no module QAT trains; quantize the same modules")

@@ -99,7 +99,8 @@ def _load(path: Path, named: dict, opt, fp: dict) -> tuple[int, list[float]] | N
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise LowbitError(f"{file} is not a readable QAT checkpoint ({type(e).__name__}); delete it to start over") from None
+        raise LowbitError(f"{file} is not a readable QAT checkpoint ({type(e).__name__}); "
+                          "delete it to start over") from None
     if state.get("fingerprint") != fp:
         raise LowbitError(f"{file} was written by a run with other settings (steps, learning rate, seed or trained "
                           "parameters); rerun with the same settings to resume, or delete it to start over")
