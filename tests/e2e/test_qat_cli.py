@@ -31,6 +31,9 @@ def test_too_short_data_and_a_short_run(lowbit_cli, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("def f(x):\n    return x\n\n" * 3)
     r = lowbit_cli("train-qat", "default", "-o", tmp_path / "a", "--data", short, "--init", "rtn", "--steps", "1")
+    r.assert_error("--data", "too short")
+    short.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(30)))
+    r = lowbit_cli("train-qat", "default", "-o", tmp_path / "a", "--data", short, "--init", "rtn", "--steps", "1")
     r.assert_error("tokens", "--seq-len")
     out = tmp_path / "out"
     r = lowbit_cli("train-qat", "default", "-o", out, "--init", "rtn", "--steps", "2", "--batch", "1", "--seq-len",

@@ -142,7 +142,11 @@ def train_qat_lm(model_source: str, out: str | Path | None, opts: LMQATOptions, 
 
         check_recipe_fits(Recipe(spec=qat_scheme(opts.scheme).weight, method="rtn"),
                           read_config(default_model_dir() if kind == "default" else path))
-    split = load_text(opts.data)
+    try:
+        split = load_text(opts.data)
+    except LowbitError as e:
+        msg = str(e)
+        raise LowbitError(msg if msg.startswith(("text source", "--data")) else f"--data {opts.data}: {msg}") from None
     teacher, tokenizer = load_model(model_source)
     teacher.eval()
     ids = training_tokens(tokenizer, split.calibration, opts.seq_len, opts.data)
