@@ -25,7 +25,8 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 def _register() -> None:
     import importlib.util
 
-    from lowbit.cli import export_cmd, finetune_cmd, generate_cmd, inspect_cmd, models_cmd, plan_cmd, report_cmd
+    from lowbit.cli import (export_cmd, finetune_cmd, generate_cmd, inspect_cmd, models_cmd, plan_cmd, qat_cmd,
+                            report_cmd)
 
     if app.registered_commands:  # main() called again in the same process
         return
@@ -36,6 +37,7 @@ def _register() -> None:
     export_cmd.register(app)
     report_cmd.register(app)
     finetune_cmd.register(app)
+    qat_cmd.register(app)
     if importlib.util.find_spec("lowbit.cli.kv") is not None:
         from lowbit.cli import kv
 

@@ -1,0 +1,268 @@
+"""QAT and hybrid PTQ -> QAT against PTQ, same inputs, one run per section.
+
+    PYTHONPATH=src .venv/bin/python bench/qat.py --only digits
+    PYTHONPATH=src .venv/bin/python bench/qat.py --only smollm2 --minutes 8 --steps 400
+
+digits:  the Digits CNN (bench_data, trained here in seconds) at W4A8 and W2A8 (symmetric
+         per-channel weights, static per-tensor int8 activations): fp32; PTQ (lowbit.ptq: min-max
+         observers, RTN weights); QAT (lowbit.qat: LSQ weights and activation ranges from the same
+         observers, BN folded, a few epochs of the trainer) -> convert -> Int8Conv2d / Int8Linear.
+         Test accuracy of the converted integer models; recovery = (QAT - PTQ) / (fp32 - PTQ).
+smollm2: the bundled SmolLM2-135M at W3 g64 asym (and --scheme w2g64): GPTQ; hybrid GPTQ -> QAT
+         (KD against the fp32 model's logits); RTN -> QAT; each QAT run the same wall-clock budget
+         (--minutes) and step cap on this machine. Perplexity on held-out windows (the evaluation
+         part of --text, never trained on) against steps: bench/results/qat_<scheme>.png; the
+         hybrid result is saved and reloaded through lowbit's checkpoint (`lowbit export` takes it
+         to the other formats) and exported to the GPTQ format.
+Results: bench/results/qat.json (sections merged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_data import digits_data, train_digits_cnn  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(-1) == y).float().mean())
+
+
+def digits(epochs: int = 6, seed: int = 0) -> dict:
+    from lowbit import ptq
+    from lowbit.ptq.config import PTQConfig
+    from lowbit.qat import QATConfig, convert_qat, prepare_qat, qat_parameters
+    from lowbit.qat.losses import classification_loss
+    from lowbit.qat.trainer import TrainConfig, train
+    from lowbit.spec import ActSpec, LayerScheme, QuantSpec
+
+    xtr, xte, ytr, yte = digits_data()
+    fp = train_digits_cnn(xtr, ytr, seed=seed)
+    acc_fp = accuracy(fp, xte, yte)
+    calib = list(xtr[:512].split(64))
+    out = {"fp32_accuracy": acc_fp, "epochs": epochs, "train_samples": len(xtr), "test_samples": len(xte)}
+    for bits in (4, 2):
+        scheme = LayerScheme(QuantSpec(bits=bits, granularity="channel", scale_dtype="float32"),
+                             ActSpec(granularity="tensor", dynamic=False))
+        m = ptq.prepare(copy.deepcopy(fp), PTQConfig(scheme))
+        ptq.calibrate(m, calib)
+        acc_ptq = accuracy(ptq.convert(m), xte, yte)
+        q = prepare_qat(copy.deepcopy(fp), QATConfig(scheme), calib=calib)
+        weights, qparams = qat_parameters(q)
+        steps = epochs * math.ceil(len(xtr) / 64)
+
+        def batch_fn(step, n=len(xtr)):
+            epoch, i = divmod(step, math.ceil(n / 64))
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            idx = perm[i * 64:(i + 1) * 64]
+            return xtr[idx], ytr[idx]
+
+        t0 = time.perf_counter()
+        q.train()
+        res = train(q, classification_loss, batch_fn, TrainConfig(steps=steps, lr=1e-3, qparam_lr=1e-3, seed=seed),
+                    weights, qparams, progress=False)
+        q.eval()
+        secs = time.perf_counter() - t0
+        with torch.no_grad():
+            fake_acc = accuracy(q, xte, yte)
+        convert_qat(q)
+        acc_qat = accuracy(q, xte, yte)
+        drop = acc_fp - acc_ptq
+        key = f"w{bits}a8"
+        out[key] = {"ptq_accuracy": acc_ptq, "qat_accuracy": acc_qat, "qat_fake_quant_accuracy": fake_acc,
+                    "ptq_drop": drop, "qat_drop": acc_fp - acc_qat,
+                    "recovery": None if drop <= 0 else (acc_qat - acc_ptq) / drop, "qat_steps": steps,
+                    "qat_seconds": round(secs, 1), "final_loss": res.losses[-1]}
+        print(f"digits {key}: fp32 {acc_fp:.4f}  PTQ {acc_ptq:.4f}  QAT {acc_qat:.4f}  recovery "
+              f"{out[key]['recovery']}  ({steps} steps, {secs:.0f}s)", flush=True)
+    return out
+
+
+def ppl(model, windows) -> float:
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=w[None], use_cache=False).logits[0, :-1].float()
+            nll += float(nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+            n += w.numel() - 1
+    return math.exp(nll / n)
+
+
+def smollm2(scheme: str, minutes: float, max_steps: int, eval_every: int, eval_windows_n: int, text: str,
+            lr: float, qparam_lr: float, batch: int, seq_len: int, tag: str = "") -> dict:
+    from lowbit.calibration import eval_windows
+    from lowbit.calibration.text import load_text_or_pydoc
+    from lowbit.models import load_model
+    from lowbit.qat import qat_parameters
+    from lowbit.qat.lm import LMQATOptions, prepare_lm_student, training_tokens, window_batches
+    from lowbit.qat.losses import causal_lm_kd
+    from lowbit.qat.trainer import TrainConfig, train
+
+    source, split = load_text_or_pydoc(text)
+    teacher, tok = load_model("default")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    windows = eval_windows(tok, split.evaluation, 512, eval_windows_n)
+    ids = training_tokens(tok, split.calibration, seq_len, source)
+    ppl_fp = ppl(teacher, windows)
+    out = {"scheme": scheme, "text": source, "eval_windows": int(windows.shape[0]), "eval_seq_len": 512,
+           "fp32_ppl": ppl_fp, "minutes_per_run": minutes, "max_steps": max_steps, "lr": lr, "qparam_lr": qparam_lr,
+           "batch": batch, "seq_len": seq_len, "threads": torch.get_num_threads(),
+           "load_average_at_start": os.getloadavg()[0], "runs": {}}
+    print(f"smollm2 {scheme}: fp32 ppl {ppl_fp:.3f} on {windows.shape[0]}x512 held-out tokens ({source})", flush=True)
+    for init in ("gptq", "rtn"):
+        opts = LMQATOptions(scheme=scheme, init=init, data=source, steps=max_steps, lr=lr, qparam_lr=qparam_lr,
+                            batch=batch, seq_len=seq_len)
+        t0 = time.perf_counter()
+        student, _ = prepare_lm_student(teacher, tok, opts, split.calibration, progress=False)
+        ptq_secs = time.perf_counter() - t0
+        p0 = ppl(student, windows)
+        curve = [(0, p0, 0.0)]
+        print(f"  {init}: PTQ ppl {p0:.3f} ({ptq_secs:.0f}s)", flush=True)
+        weights, qparams = qat_parameters(student)
+        budget = minutes * 60
+        eval_secs = [0.0]
+        done = [0]
+        t_train = time.perf_counter()
+
+        class Budget(Exception):
+            pass
+
+        def on_step(step, loss, student=student):
+            done[0] = step + 1
+            if (step + 1) % eval_every == 0:
+                t_eval = time.perf_counter()
+                curve.append((step + 1, ppl(student, windows), round(t_eval - t_train - eval_secs[0], 1)))
+                print(f"    step {step + 1}: loss {loss:.4f} ppl {curve[-1][1]:.3f}", flush=True)
+                eval_secs[0] += time.perf_counter() - t_eval  # evaluation time is not training budget
+            if time.perf_counter() - t_train - eval_secs[0] > budget:
+                raise Budget
+
+        cfg = TrainConfig(steps=max_steps, lr=lr, qparam_lr=qparam_lr, seed=0)
+        try:
+            train(student, causal_lm_kd(teacher), window_batches(ids, batch, seq_len, 0), cfg, weights, qparams,
+                  progress=False, on_step=on_step)
+        except Budget:
+            pass
+        train_secs = time.perf_counter() - t_train - eval_secs[0]
+        if curve[-1][0] != done[0]:
+            curve.append((done[0], ppl(student, windows), round(train_secs, 1)))
+        p_final = curve[-1][1]
+        run = {"ptq_ppl": p0, "qat_ppl": p_final, "ptq_seconds": round(ptq_secs, 1), "curve": curve,
+               "steps": done[0], "train_seconds_excl_eval": round(train_secs, 1)}
+        out["runs"][init] = run
+        print(f"  {init}: PTQ {p0:.3f} -> QAT {p_final:.3f}", flush=True)
+        if init == "gptq":
+            run["export"] = export_check(student, tok, windows[:2])
+        del student
+    g, r = out["runs"]["gptq"], out["runs"]["rtn"]
+    inc = g["ptq_ppl"] - ppl_fp
+    out["hybrid_cut_of_gptq_increase"] = (g["ptq_ppl"] - g["qat_ppl"]) / inc if inc > 0 else None
+    out["hybrid_beats_rtn_qat"] = g["qat_ppl"] < r["qat_ppl"]
+    plot(out, RESULTS / f"qat_{scheme}{tag}.png")
+    return out
+
+
+def export_check(student, tok, windows) -> dict:
+    """convert -> lowbit checkpoint -> reload (same logits) -> GPTQ (v2) format written."""
+    import lowbit
+    from lowbit.export import format_module
+    from lowbit.export.model import QuantizedModel
+    from lowbit.qat import convert_qat
+
+    with torch.no_grad():
+        fake = student(input_ids=windows, use_cache=False).logits
+    records = convert_qat(student)
+    with torch.no_grad():
+        real = student(input_ids=windows, use_cache=False).logits
+    with tempfile.TemporaryDirectory() as d:
+        qm = QuantizedModel.from_model(student, tok, records, method="qat+gptq")
+        format_module("lowbit").write(qm, Path(d) / "ckpt")
+        back, _ = lowbit.load(Path(d) / "ckpt")
+        with torch.no_grad():
+            again = back(input_ids=windows, use_cache=False).logits
+        info = {"converted_vs_fake_max_abs_logit": float((real - fake).abs().max()),
+                "reloaded_vs_converted_max_abs_logit": float((again - real).abs().max())}
+        try:
+            # v2: trained asymmetric grids can hold a zero point of 0, which v1 (stores z - 1) cannot
+            format_module("gptq").write(qm, Path(d) / "gptq", checkpoint_format="gptq_v2")
+            info["gptq_format_files"] = sorted(p.name for p in (Path(d) / "gptq").iterdir())
+        except Exception as e:  # a format that cannot hold the spec says so
+            info["gptq_format_error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for init, label in (("gptq", "hybrid GPTQ -> QAT (KD)"), ("rtn", "RTN -> QAT (KD)")):
+        c = out["runs"][init]["curve"]
+        ax.plot([s for s, _, _ in c], [p for _, p, _ in c], marker="o", label=label)
+    ax.axhline(out["fp32_ppl"], color="gray", linestyle="--", label=f"fp32 ({out['fp32_ppl']:.2f})")
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title(f"SmolLM2-135M {out['scheme']}: QAT, {out['minutes_per_run']} min/run budget")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="digits,smollm2")
+    ap.add_argument("--scheme", default="w3g64")
+    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget per QAT run")
+    ap.add_argument("--steps", type=int, default=400, help="step cap per QAT run (the cosine schedule's length)")
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--text", default="python-docs")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--qparam-lr", type=float, default=1e-5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--tag", default="", help="suffix of the result key and the plot (several settings side by side)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import lowbit._cpu  # noqa: F401,E402  (after torch)
+
+    path = RESULTS / "qat.json"
+    only = args.only.split(",")
+    results = {}
+    if "digits" in only:
+        results["digits"] = digits()
+    if "smollm2" in only:
+        results[f"smollm2_{args.scheme}{args.tag}"] = smollm2(args.scheme, args.minutes, args.steps, args.eval_every,
+                                                              args.eval_windows, args.text, args.lr, args.qparam_lr,
+                                                              args.batch, args.seq_len, args.tag)
+    RESULTS.mkdir(exist_ok=True)
+    merged = json.loads(path.read_text()) if path.is_file() else {}  # read at the end: runs may overlap
+    merged.update(results)
+    path.write_text(json.dumps(merged, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
