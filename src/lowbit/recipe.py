@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.name_rules import setting_for
 from lowbit.models.arch import Arch, blocks_of, get_module
 from lowbit.spec import QuantSpec
 
@@ -24,12 +25,7 @@ class Recipe:
     options: dict = field(default_factory=dict)  # method options (damp, act_order, ...)
 
     def spec_for(self, name: str) -> QuantSpec | None:
-        if any(re.search(p, name) for p in self.ignore):
-            return None
-        for pattern, spec in self.overrides:
-            if re.search(pattern, name):
-                return spec
-        return self.spec
+        return setting_for(name, self.spec, self.ignore, self.overrides)
 
     def plan(self, model, arch: Arch) -> dict[str, QuantSpec]:
         """{module name: spec} for every Linear to quantize, checked against its shape."""

@@ -119,7 +119,7 @@ def test_failed_run_leaves_previous_output(tiny_copy, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", boom)
+    monkeypatch.setattr(checkpoint, "write_safetensors", boom)
     with pytest.raises(RuntimeError):
         quantize(str(tiny_copy), out, Recipe(QuantSpec(bits=2, group_size=64)), overwrite=True)
     assert (out / "lowbit.safetensors").read_bytes() == before

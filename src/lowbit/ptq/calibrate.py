@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.ptq.observe import nan_guard
+from lowbit.calibration.walk import run_batch
 from lowbit.ptq.prepare import prepared
 
 
-def run_batch(model, batch):
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def feed_inputs(model, names: list[str], batches: Iterable, on_input) -> None:
+def watch_inputs(model, names: list[str], batches: Iterable, on_input) -> None:
     """Run every batch through `model` (no grad) with `on_input(name, x)` called on the first input
     of each named module as it runs."""
     def hook_for(name):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
+from lowbit.name_rules import check_patterns, setting_for
 from lowbit.spec import LayerScheme, scheme
 
 
@@ -27,11 +27,7 @@ class PTQConfig:
     max_values: int = 1 << 21
 
     def __post_init__(self) -> None:
-        for p in (*self.ignore, *(p for p, _ in self.overrides)):
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise LowbitError(f"PTQConfig: {p!r} is not a valid regex ({e})") from None
+        check_patterns("PTQConfig", (*self.ignore, *(p for p, _ in self.overrides)))
         for s in (self.scheme, *(s for _, s in self.overrides)):
             if s.output is not None and s.output.granularity != "tensor":
                 raise LowbitError("PTQConfig: an output activation spec is per tensor")
@@ -42,14 +38,7 @@ class PTQConfig:
             raise LowbitError(f"PTQConfig.percentile={self.percentile} must be in (0, 100]")
 
     def scheme_for(self, name: str) -> LayerScheme | None:
-        if self.targets is not None and name not in self.targets:
-            return None
-        if any(re.search(p, name) for p in self.ignore):
-            return None
-        for pattern, s in self.overrides:
-            if re.search(pattern, name):
-                return s
-        return self.scheme
+        return setting_for(name, self.scheme, self.ignore, self.overrides, self.targets)
 
 
 def ptq_config(name: str = "w8a8-dynamic", observer: str | None = None, **kwargs) -> PTQConfig:

@@ -68,7 +68,7 @@ def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch
 def sample_inputs(model: nn.Module, names: list[str], batches: list, rows: int = 512,
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """Up to `rows` input rows of each named module, drawn evenly from every batch (float32)."""
-    from lowbit.ptq.calibrate import feed_inputs
+    from lowbit.ptq.calibrate import watch_inputs
 
     per_batch = max(1, rows // max(1, len(batches)))
     gen = torch.Generator().manual_seed(seed)
@@ -79,7 +79,7 @@ def sample_inputs(model: nn.Module, names: list[str], batches: list, rows: int =
         idx = torch.randperm(x.shape[0], generator=gen)[:per_batch]
         seen[name].append(x[idx].float())
 
-    feed_inputs(model, names, batches, on_input)
+    watch_inputs(model, names, batches, on_input)
     return {n: torch.cat(v) for n, v in seen.items() if v}
 
 

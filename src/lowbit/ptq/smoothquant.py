@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.ptq.calibrate import feed_inputs
+from lowbit.ptq.calibrate import watch_inputs
 from lowbit.ptq.smooth_search import sample_inputs, search_alpha
 
 EPS = 1e-5
@@ -96,7 +96,7 @@ def input_absmax(model: nn.Module, names: list[str], batches: Iterable) -> dict[
         m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         seen[name] = m if name not in seen else torch.maximum(seen[name], m)
 
-    feed_inputs(model, names, batches, on_input)
+    watch_inputs(model, names, batches, on_input)
     return seen
 
 

@@ -5,10 +5,10 @@ PTQ paths, so training and serving numerics cannot drift (torchao's idea)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
+from lowbit.name_rules import check_patterns, setting_for
 from lowbit.spec import PRESETS, SCHEMES, LayerScheme
 
 WEIGHT_RANGES = ("lsq", "minmax")
@@ -71,11 +71,7 @@ class QATConfig:
     max_values: int = 1 << 21
 
     def __post_init__(self) -> None:
-        for p in (*self.ignore, *(p for p, _ in self.overrides)):
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise LowbitError(f"QATConfig: {p!r} is not a valid regex ({e})") from None
+        check_patterns("QATConfig", (*self.ignore, *(p for p, _ in self.overrides)))
         for s in (self.scheme, *(s for _, s in self.overrides)):
             check_scheme(s)
         if self.weight_range not in WEIGHT_RANGES:
@@ -84,11 +80,4 @@ class QATConfig:
             raise LowbitError(f"QATConfig.act_range={self.act_range!r}; choose one of {ACT_RANGES}")
 
     def scheme_for(self, name: str) -> LayerScheme | None:
-        if self.targets is not None and name not in self.targets:
-            return None
-        if any(re.search(p, name) for p in self.ignore):
-            return None
-        for pattern, s in self.overrides:
-            if re.search(pattern, name):
-                return s
-        return self.scheme
+        return setting_for(name, self.scheme, self.ignore, self.overrides, self.targets)

@@ -7,16 +7,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
-import torch
 from torch import nn
 
-from lowbit.calibration.walk import run_batch
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.nn.replace import replace_linear
 from lowbit.observers.state import RangeState
 from lowbit.ptq.fold_bn import fold_batchnorm, sequential_pairs
-from lowbit.ptq.observe import input_hook
+from lowbit.ptq.calibrate import watch_inputs
+from lowbit.ptq.observe import features_last
 from lowbit.ptq.prepare import plan_modules
 from lowbit.qat.config import QATConfig
 from lowbit.qat.fake_quant_layer import FakeQuantLayer
@@ -33,17 +32,12 @@ def _observe_inputs(model: nn.Module, plan: dict, config: QATConfig, calib: Iter
     if calib is None:
         raise LowbitError(f"{next(iter(static))}: a static activation spec needs calibration batches to start its "
                           "range; pass calib=[...] to prepare_qat (or use a dynamic scheme)")
-    states, handles = {}, []
-    for name, s in static.items():
-        states[name] = RangeState(s.input, name, config.max_values, config.percentile)
-        handles.append(model.get_submodule(name).register_forward_pre_hook(input_hook(states[name], name)))
-    try:
-        with torch.no_grad():
-            for batch in calib:
-                run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    states = {name: RangeState(s.input, name, config.max_values, config.percentile) for name, s in static.items()}
+
+    def on_input(name, x):
+        states[name].update(features_last(model.get_submodule(name), x, name))
+
+    watch_inputs(model, list(states), calib, on_input)
     return {name: st.qparams() for name, st in states.items()}
 
 
