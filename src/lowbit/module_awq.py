@@ -25,7 +25,7 @@ from torch import nn
 
 from lowbit.algorithms import awq
 from lowbit.algorithms.hessian import HessianAccumulator
-from lowbit.calibration.walk import feed_inputs, run_batch
+from lowbit.calibration.walk import feed_inputs, run_batch, run_hooked
 from lowbit.nn.quant_conv import conv_patches
 from lowbit.spec import QuantSpec
 
@@ -78,25 +78,15 @@ def _producers(model: nn.Module, batch) -> tuple[dict[int, list], list]:
                 keep.append(result)
         return f
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and not list(m.children())]
-    try:
-        with torch.no_grad():
-            run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, [batch], [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+                                if n and not list(m.children())])
     return out, keep
 
 
 def _first_inputs(model: nn.Module, layers: dict[str, nn.Module], batch) -> dict[str, torch.Tensor]:
     got: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: got.setdefault(n, a[0])) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, [batch], [m.register_forward_pre_hook(lambda _m, a, n=n: got.setdefault(n, a[0]))
+                                for n, m in layers.items()])
     return got
 
 

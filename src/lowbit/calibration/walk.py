@@ -36,6 +36,18 @@ def run_batch(model: nn.Module, batch):
     return model(batch)
 
 
+def run_hooked(model: nn.Module, batches, handles) -> None:
+    """Run every batch through `model` without gradients, then remove the hook `handles` (on
+    error too)."""
+    try:
+        with torch.no_grad():
+            for b in batches:
+                run_batch(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def is_quantizable(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) or quantizable_conv(mod)
 
@@ -95,13 +107,8 @@ def execution_order(model: nn.Module, layers: Mapping[str, nn.Module], batch) ->
             groups.append([name])
         last[0] = weakref.ref(x) if isinstance(x, torch.Tensor) else None
 
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, mod, args)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, [batch], [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, mod, args))
+                                for n, m in layers.items()])
     return LayerOrder(groups, calls, [n for n, c in calls.items() if c == 0])
 
 

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.ptq.observe import nan_guard
-from lowbit.calibration.walk import run_batch
+from lowbit.calibration.walk import run_batch, run_hooked
 from lowbit.ptq.prepare import prepared
 
 
@@ -19,14 +19,7 @@ def watch_inputs(model, names: list[str], batches: Iterable, on_input) -> None:
     def hook_for(name):
         return lambda module, args: on_input(name, args[0].detach())
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                run_batch(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batches, [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names])
 
 
 def calibrate(model, batches: Iterable, progress: bool = False) -> int:
