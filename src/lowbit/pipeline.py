@@ -12,7 +12,7 @@ import copy
 import functools
 import logging
 import weakref
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 
 import torch
 from tqdm.auto import tqdm
@@ -232,9 +232,10 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     return qweights
 
 
-class QuantizedLayers(Mapping):
+class QuantizedLayers(MutableMapping):
     """{name: QuantizedWeight}: the records of a quantized model, held bit-packed (lowbit's file
-    layout: 4-bit codes take half a byte) and unpacked on access, bit-identical."""
+    layout: 4-bit codes take half a byte) and unpacked on access, bit-identical. Each access gives
+    a fresh record: to change one, assign it back (`layers[name] = record`)."""
 
     def __init__(self):
         self._held: dict[str, tuple] = {}
@@ -250,6 +251,16 @@ class QuantizedLayers(Mapping):
 
         tensors, spec, shape, error = self._held[name]
         return read_layer(tensors, name, spec, shape, error)
+
+    def __setitem__(self, name: str, qw: QuantizedWeight) -> None:
+        self.add({name: qw})
+
+    def __delitem__(self, name: str) -> None:
+        del self._held[name]
+
+    def packed(self, name: str) -> dict[str, torch.Tensor]:
+        """The layer's tensors as lowbit's file holds them (what `export.lowbit.layer_tensors` gives)."""
+        return self._held[name][0]
 
     def __iter__(self):
         return iter(self._held)

@@ -54,7 +54,9 @@ def test_three_bit_codes_cross_words_like_autogptq():
 def test_v1_refuses_a_zero_point_of_zero_before_writing(qm_factory, tmp_path):
     qm, _ = qm_factory(bits=4, symmetric=False, group_size=64)
     name = "model.layers.1.mlp.down_proj"
-    qm.layers[name].zero[0, 0] = 0
+    qw = qm.layers[name]
+    qw.zero[0, 0] = 0
+    qm.layers[name] = qw
     with pytest.raises(LowbitError, match=f"{name}: .*zero point of 0.*gptq_v2"):
         gptq.write(qm, tmp_path / "q")
     assert not (tmp_path / "q").exists()

@@ -106,8 +106,9 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False) -> Pa
     out = check_output_dir(out, overwrite)
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
+    packed = getattr(qm.layers, "packed", None)  # the pipeline's records are held packed already
     for name, qw in qm.layers.items():
-        tensors.update(layer_tensors(name, qw))
+        tensors.update(packed(name) if packed else layer_tensors(name, qw))
         layers[name] = {"spec": qw.spec.to_dict(), "shape": list(qw.shape),
                         "bits_per_weight": round(qw.bits_per_weight(), 4),
                         **({} if qw.error is None else {"rel_error": round(float(qw.error), 6),

@@ -8,6 +8,7 @@ config, the tokenizer, and free-form metadata (method, source model, calibration
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from lowbit.core.quantize import QuantizedWeight
 @dataclass
 class QuantizedModel:
     config: Any  # transformers.PretrainedConfig
-    layers: dict[str, QuantizedWeight]
+    layers: Mapping[str, QuantizedWeight]  # a dict, or the pipeline's packed QuantizedLayers
     tensors: dict[str, torch.Tensor]
     tokenizer: Any | None = None
     meta: dict = field(default_factory=dict)
@@ -36,7 +37,9 @@ class QuantizedModel:
             if tied and key == "lm_head.weight":
                 continue
             tensors[key] = value.detach().contiguous()
-        return cls(model.config, {n: layers[n] for n in layers}, tensors, tokenizer, dict(meta))
+        # the pipeline's QuantizedLayers stays as it is (records unpacked one at a time on access):
+        # a dict of every unpacked record would hold a byte per weight for the whole model at once
+        return cls(model.config, layers, tensors, tokenizer, dict(meta))
 
     def bias(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(f"{name}.bias")
