@@ -44,6 +44,7 @@ VARIANTS = {
     "W3 g32": (3, "int", True, "group", 32),
     "W2 g32": (2, "int", True, "group", 32),
     "NF4 g32": (4, "nf4", True, "group", 32),
+    "W4 g32 int8 embed": (4, "int", True, "group", 32),  # + the input embedding as an int8 table (--embed-bits 8)
 }
 MATCH = {"W4 g32": "Q4_0", "W8": "Q8_0"}
 
@@ -93,6 +94,7 @@ def build(base, name):
     import torch
 
     from lowbit import QuantSpec
+    from lowbit.api import embed_spec
     from lowbit.methods import get_method
     from lowbit.pipeline import quantize_model
     from lowbit.recipe import Recipe
@@ -104,7 +106,8 @@ def build(base, name):
         return model
     bits, dtype, sym, gran, group = VARIANTS[name]
     spec = QuantSpec(bits, dtype, sym, gran, group)
-    recipe = Recipe(spec, quantize_head=True, head_spec=QuantSpec(8, "int", True, "channel"))
+    recipe = Recipe(spec, quantize_head=True, head_spec=QuantSpec(8, "int", True, "channel"),
+                    embed_spec=embed_spec(8) if name.endswith("int8 embed") else None)
     model._lowbit_layers = quantize_model(model, recipe, get_method("rtn"), progress=False)  # the records
     return model
 

@@ -45,14 +45,26 @@ def head_spec(head_bits: int, group_size: int | None) -> QuantSpec:
     return make_spec(head_bits, group_size, True)
 
 
+def embed_spec(embed_bits: int | None) -> QuantSpec | None:
+    """The input embedding's spec for `--embed-bits`: symmetric int8 in groups of 32 with float16
+    scales (llama.cpp's Q8_0, which its Q4_0 models keep token_embd at)."""
+    if embed_bits is None:
+        return None
+    if embed_bits != 8:
+        raise LowbitError(f"--embed-bits {embed_bits}: the embedding table is held as int8 only (--embed-bits 8)")
+    return make_spec(8, 32, True)
+
+
 def make_recipe(*, method: str = "gptq", bits: int = 4, group_size: int | None = 64, symmetric: bool = True,
                 dtype: str = "int", integer_zero: bool = True, quantize_head: bool = False,
-                head_bits: int | None = None, ignore: tuple[str, ...] = (), options: dict | None = None) -> Recipe:
-    """`head_bits` quantizes lm_head too, at its own bit width (quantize_head: at the body's spec)."""
+                head_bits: int | None = None, ignore: tuple[str, ...] = (), options: dict | None = None,
+                embed_bits: int | None = None) -> Recipe:
+    """`head_bits` quantizes lm_head too, at its own bit width (quantize_head: at the body's spec);
+    `embed_bits` (8) holds the input embedding as an int8 table (`embed_spec`)."""
     recipe = Recipe(spec=make_spec(bits, group_size, symmetric, dtype, integer_zero), method=method,
                     ignore=tuple(ignore), quantize_head=quantize_head or head_bits is not None,
                     head_spec=None if head_bits is None else head_spec(head_bits, group_size),
-                    options=dict(options or {}))
+                    options=dict(options or {}), embed_spec=embed_spec(embed_bits))
     get_method(recipe.method, recipe.options)  # unknown or mistyped options fail before any work
     return recipe
 
@@ -87,6 +99,10 @@ def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, ca
     model, tokenizer = load_model(model_source, lazy=True)  # blocks read from disk as the pipeline reaches them
     if hasattr(writer, "plan_recipe"):  # the format's own grid (e.g. gguf type=Q4_K), checked before any work
         recipe = writer.plan_recipe(recipe, model, **(format_options or {}))
+    if recipe.embed_spec is not None:  # refused before a state folder or any calibration work exists
+        from lowbit.models.arch import arch_for
+
+        recipe.plan(model, arch_for(model))
     calib = None
     if split is not None:
         calib = calibration_batches(tokenizer, split.calibration, n_samples, seq_len)

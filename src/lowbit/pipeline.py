@@ -229,7 +229,25 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     if swap:
         swap_quantized(model, done)
     qweights.add(done)
+    if recipe.embed_spec is not None:
+        qweights.add({arch.embed: _quantize_embedding(model, arch.embed, recipe.embed_spec, swap)})
     return qweights
+
+
+def _quantize_embedding(model, name: str, spec, swap: bool) -> QuantizedWeight:
+    """The input embedding's int8 table, round to nearest (as llama.cpp's Q8_0 token_embd); in
+    place as a QuantEmbedding, or its dequantized values written back."""
+    from lowbit.nn.quant_embedding import QuantEmbedding, quantize_embedding
+
+    embed = get_module(model, name)
+    qw = quantize_embedding(embed, spec, name)
+    if swap:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantEmbedding.from_quantized(qw, embed.padding_idx, embed.weight.dtype, name))
+    else:
+        embed.weight.data.copy_(qw.dequantize(embed.weight.dtype))
+    return qw
 
 
 class QuantizedLayers(MutableMapping):

@@ -23,6 +23,7 @@ class Recipe:
     quantize_head: bool = False
     head_spec: QuantSpec | None = None
     options: dict = field(default_factory=dict)  # method options (damp, act_order, ...)
+    embed_spec: QuantSpec | None = None  # the input embedding's int8 table (round to nearest), or None
 
     def spec_for(self, name: str) -> QuantSpec | None:
         return setting_for(name, self.spec, self.ignore, self.overrides)
@@ -48,13 +49,26 @@ class Recipe:
             if not isinstance(mod, torch.nn.Linear):
                 raise LowbitError(f"module {name} is a {type(mod).__name__}, not a Linear")
             spec.check_shape(mod.out_features, mod.in_features, name)
+        if self.embed_spec is not None:
+            self.check_embedding(model, arch, plan)
         return plan
+
+    def check_embedding(self, model, arch: Arch, plan: dict) -> None:
+        from lowbit.nn.quant_embedding import check_embedding_spec
+
+        embed = get_module(model, arch.embed)
+        if not isinstance(embed, torch.nn.Embedding):
+            raise LowbitError(f"module {arch.embed} is a {type(embed).__name__}, not an Embedding")
+        check_embedding_spec(self.embed_spec, embed.embedding_dim, arch.embed)
+        if getattr(model.config, "tie_word_embeddings", False) and arch.head not in plan:
+            raise LowbitError(f"{arch.head} shares {arch.embed}'s table in this model: an int8 embedding alone "
+                              f"would leave the float head in memory; quantize the head too (--head-bits 8)")
 
 
 SPEC_KEYS = {"bits": int, "dtype": str, "symmetric": bool, "granularity": str, "group_size": (int, type(None)),
              "integer_zero": bool, "scale_dtype": str, "scaled_zero": bool, "superblock": (int, type(None)),
              "scale_bits": (int, type(None))}
-TOP_KEYS = {"method", "ignore", "overrides", "quantize_head", "head", "options", *SPEC_KEYS}
+TOP_KEYS = {"method", "ignore", "overrides", "quantize_head", "head", "embed", "options", *SPEC_KEYS}
 
 
 def _typed(where: str, key: str, value, types):
@@ -92,7 +106,7 @@ def _spec_from(d: dict, base: QuantSpec | None = None, where: str = "recipe") ->
 def load_recipe(path: str | Path) -> Recipe:
     """YAML: {method, bits, dtype, symmetric, granularity, group_size, integer_zero, scale_dtype,
     ignore: [regex], overrides: [{pattern, bits, ...}], quantize_head, head: {bits, ...} (lm_head's own
-    spec; implies quantize_head), options: {...}}. Every key
+    spec; implies quantize_head), embed: {bits: 8, group_size: 32} (int8 input embedding), options: {...}}. Every key
     and value is checked; the first problem raises one LowbitError naming the file and the key."""
     import yaml
 
@@ -134,6 +148,12 @@ def load_recipe(path: str | Path) -> Recipe:
             bad = sorted(set(head) - set(SPEC_KEYS)) if isinstance(head, dict) else [head]
             raise LowbitError(f"{where}: 'head' must be a mapping of spec keys ({', '.join(SPEC_KEYS)}); got {bad[0]!r}")
         head = _spec_from(head, base, f"{where}: head")
+    embed = data.get("embed")
+    if embed is not None:
+        if not isinstance(embed, dict) or set(embed) - set(SPEC_KEYS):
+            bad = sorted(set(embed) - set(SPEC_KEYS)) if isinstance(embed, dict) else [embed]
+            raise LowbitError(f"{where}: 'embed' must be a mapping of spec keys ({', '.join(SPEC_KEYS)}); got {bad[0]!r}")
+        embed = _spec_from(embed, None, f"{where}: embed")
     method = _typed(where, "method", data.get("method", "rtn"), str)
     options = data.get("options") or {}
     try:
@@ -148,4 +168,5 @@ def load_recipe(path: str | Path) -> Recipe:
         quantize_head=_typed(where, "quantize_head", data.get("quantize_head", False), bool) or head is not None,
         head_spec=head,
         options=dict(options),
+        embed_spec=embed,
     )

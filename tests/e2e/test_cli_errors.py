@@ -18,6 +18,8 @@ LOWBIT = Path(sys.executable).parent / "lowbit"  # the installed console script
     (["quantize", "default", "-o", "{out}", "--bits", "abc"], "'--bits'"),
     (["quantize", "default", "-o", "{out}", "--samples", "0"], "'--samples'"),
     (["quantize", "default", "-o", "{out}", "--seq-len", "0"], "'--seq-len'"),
+    (["quantize", "default", "-o", "{out}", "--embed-bits", "4"], "int8 only (--embed-bits 8)"),
+    (["quantize", "default", "-o", "{out}", "--embed-bits", "8"], "quantize the head too (--head-bits 8)"),
     (["eval", "default", "{out}", "--windows", "0"], "'--windows'"),
     (["eval", "default", "{out}", "--seq-len", "1"], "'--seq-len'"),
     (["kv-eval", "default", "--seq-len", "0"], "'--seq-len'"),

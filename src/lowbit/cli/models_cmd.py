@@ -47,6 +47,9 @@ def register(app: typer.Typer) -> None:
         quantize_head: bool = typer.Option(False, "--quantize-head", help="also quantize lm_head (body's spec)"),
         head_bits: Optional[int] = typer.Option(None, "--head-bits", help="also quantize lm_head at this width "
                                                                          "(8: int8 per channel)"),
+        embed_bits: Optional[int] = typer.Option(None, "--embed-bits", help="hold the input embedding as an "
+                                                 "int8 table (8; groups of 32 as llama.cpp's Q8_0; a tied head "
+                                                 "needs --head-bits too)"),
         ignore: list[str] = typer.Option([], help="regex of module names to keep in full precision"),
         calib: Optional[str] = typer.Option(None, help="calibration text: pydoc (default), a file/folder, "
                                                          "or a dataset name"),
@@ -91,8 +94,8 @@ def register(app: typer.Typer) -> None:
             from lowbit.ptq.llm import quantize_act_to
             from lowbit.ptq.smoothquant import parse_alpha
 
-            if recipe is not None or fmt != "lowbit":
-                raise LowbitError("--scheme writes lowbit checkpoints and takes no --recipe / --format")
+            if recipe is not None or fmt != "lowbit" or embed_bits is not None:
+                raise LowbitError("--scheme writes lowbit checkpoints and takes no --recipe / --format / --embed-bits")
             configure(low_memory=low_memory)
             quantize_act_to(model, out, scheme, observer=observer, smoothquant=parse_alpha(smoothquant),
                             calib_text=calib, n_samples=samples or 64, seq_len=seq_len or 512, overwrite=overwrite)
@@ -122,12 +125,17 @@ def register(app: typer.Typer) -> None:
                                 integer_zero=not float_zero, quantize_head=quantize_head, head_bits=head_bits,
                                 ignore=tuple(ignore),
                                 options=parse_option_args(option))
+        if embed_bits is not None:
+            import dataclasses
+
+            r = dataclasses.replace(r, embed_spec=api.embed_spec(embed_bits))
         configure(low_memory=low_memory)
         from lowbit.models.encoder import is_encoder_folder, quantize_encoder_to
 
         if Path(model).expanduser().is_dir() and is_encoder_folder(Path(model).expanduser()):
-            if fmt != "lowbit" or state_dir is not None:
-                raise LowbitError("an encoder is saved as a lowbit module checkpoint: no --format / --state-dir")
+            if fmt != "lowbit" or state_dir is not None or r.embed_spec is not None:
+                raise LowbitError("an encoder is saved as a lowbit module checkpoint: no --format / --state-dir "
+                                  "/ --embed-bits")
             quantize_encoder_to(model, out, r, calib_text=calib, n_samples=samples,
                                 seq_len=seq_len or 128, calib_shape=calib_shape, overwrite=overwrite)
             typer.echo(f"saved {out}")

@@ -59,6 +59,7 @@ def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write `qm` as an AWQ GEMM checkpoint folder, atomically. 4-bit group-wise layers only."""
+    qm = qm.float_embeddings()  # this format's embeddings are floating point
     if not qm.layers:
         raise LowbitError("the model has no quantized layers to write as AWQ")
     for name, qw in qm.layers.items():

@@ -148,6 +148,7 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False, doubl
     """Write `qm` as a bitsandbytes NF4 checkpoint folder, atomically; `double_quant=True` needs the
     records' scales on the double-quantization grid (see `double_quantize`); `double_quant="requantize"`
     puts them there first (`lowbit export ... --option double_quant=requantize`)."""
+    qm = qm.float_embeddings()  # this format's embeddings are floating point
     if str(double_quant).lower() == "requantize":
         log.info("re-quantizing the NF4 scales onto bitsandbytes' double-quantization grid")
         qm, double_quant = double_quantize(qm), True

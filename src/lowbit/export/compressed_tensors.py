@@ -88,6 +88,7 @@ def quantization_config(qm: QuantizedModel) -> dict:
 
 def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write `qm` as a compressed-tensors pack-quantized folder, atomically."""
+    qm = qm.float_embeddings()  # this format's embeddings are floating point
     if not qm.layers:
         raise LowbitError("the model has no quantized layers to write as compressed-tensors")
     for name, qw in qm.layers.items():

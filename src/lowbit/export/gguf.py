@@ -128,6 +128,7 @@ def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False, type:
           embed_type: str | None = None, output_type: str | None = None, tokenizer_pre: str | None = None,
           progress: bool = False) -> Path:
     """Write `qm` to the .gguf file `out` atomically; every tensor's type is checked first."""
+    qm = qm.float_embeddings()  # an int8 table (--embed-bits) is written at embed_type like any float one
     out = Path(out)
     base = _check_type(type, floats=True)
     _check_type(embed_type, "embed_type", floats=True)

@@ -129,6 +129,7 @@ def uniform(qm: QuantizedModel, fmt: str) -> QuantSpec:
 
 def write(qm: QuantizedModel, out: str | Path, *, overwrite: bool = False, checkpoint_format: str = "gptq") -> Path:
     """Write `qm` as a GPTQ checkpoint folder (model.safetensors, config.json, tokenizer), atomically."""
+    qm = qm.float_embeddings()  # this format's embeddings are floating point
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise LowbitError(f"checkpoint_format={checkpoint_format!r}; choose one of {', '.join(CHECKPOINT_FORMATS)}")
     if not qm.layers:

@@ -41,6 +41,19 @@ class QuantizedModel:
         # a dict of every unpacked record would hold a byte per weight for the whole model at once
         return cls(model.config, layers, tensors, tokenizer, dict(meta))
 
+    def float_embeddings(self) -> "QuantizedModel":
+        """This model with a quantized embedding table (`--embed-bits`) held dequantized among the
+        plain tensors, for formats whose embeddings are floating point (the values are the int8
+        table's, so the format's model computes what lowbit's does)."""
+        from lowbit.models.arch import arch_for
+
+        embed = arch_for(self.config).embed
+        if embed not in self.layers:
+            return self
+        layers = {n: qw for n, qw in self.layers.items() if n != embed}
+        tensors = {**self.tensors, f"{embed}.weight": self.layers[embed].dequantize(torch.float32)}
+        return QuantizedModel(self.config, layers, tensors, self.tokenizer, self.meta)
+
     def bias(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(f"{name}.bias")
 
@@ -59,8 +72,11 @@ class QuantizedModel:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         schemes = self.meta.get("schemes") or {}  # activation-quantized layers (lowbit.ptq.llm)
+        embed = arch_for(self.config).embed
         for name, qw in self.layers.items():
-            if name in schemes:
+            if name == embed:
+                _install_embedding(model, name, qw)
+            elif name in schemes:
                 params = {t: self.tensors.get(f"{name}.{t}") for t in ACT_TENSORS}
                 replace_linear(model, name, Int8Linear.from_saved(qw, self.bias(name), schemes[name], params, name))
             else:
@@ -79,6 +95,15 @@ class QuantizedModel:
         model.eval()
         release_free_memory()  # the per-layer temporaries of building the kernels
         return model
+
+
+def _install_embedding(model, name: str, qw) -> None:
+    from lowbit.nn.quant_embedding import QuantEmbedding
+
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, QuantEmbedding.from_quantized(qw, old.padding_idx, name=name))
 
 
 def _rebuild_buffers(model) -> None:

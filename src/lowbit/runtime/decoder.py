@@ -110,7 +110,7 @@ class Decoder:
         inner = model.model
         self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
         self.blocks = [_Block(layer, cfg) for layer in inner.layers]
-        self.dtype = self.embed.weight.dtype
+        self.dtype = getattr(self.embed, "out_dtype", None) or self.embed.weight.dtype  # an int8 table: what it returns
         self.max_len = 0
         self.rotary = inner.rotary_emb
         self.scale = self.head_dim ** -0.5
