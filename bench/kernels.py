@@ -1,6 +1,6 @@
 """lowbit's runtime against llama.cpp on this CPU: decode, prefill, memory after load, quantize peak.
 
-    nice .venv/bin/python bench/kernels.py [--contexts 64,1024] [--rounds 3] [--memory] [--quantize-memory] [--prefill-quality]
+    nice .venv/bin/python bench/kernels.py [--contexts 64,1024] [--rounds 3] [--memory] [--quantize-memory] [--prefill-quality] [--head-quality]
 
 Side by side in one run, SmolLM2-135M, batch 1, 2 threads, greedy, the same random prompt ids:
 - llama.cpp (llama-cpp-python, its own venv bench/.venv-llamacpp) on Q4_0 and Q8_0 files it quantizes
@@ -12,6 +12,8 @@ Side by side in one run, SmolLM2-135M, batch 1, 2 threads, greedy, the same rand
   integer-code layers, as llama.cpp does; "bf16-act prefill" is the same model with bf16 activations);
 - with --prefill-quality, the perplexity cost of those int8 activations: held-out python-docs windows
   through the W4 g32 and W8 models with every decoder projection on bf16 vs int8 activations;
+- with --head-quality, the cost of quantizing lm_head (int8 per channel, int4 g32) and the input
+  embedding (int8 g32, --embed-bits 8) on the W4 g32 body: perplexity / KL on held-out python-docs;
 - with --memory, in a fresh process per checkpoint (saved in lowbit's format): RSS after the imports
   (torch, transformers, lowbit, tokenizers and the model/tokenizer modules loading uses), after
   loading the checkpoint (weights and tokenizer), and the peak during two 512-token
@@ -147,6 +149,43 @@ def int8_activation_quality(base, tok, windows: int) -> dict:
     return out
 
 
+def head_embed_quality(base, tok, windows: int) -> dict:
+    """Perplexity / KL on held-out python-docs windows of the W4 g32 body with lm_head in fp32, int8
+    per channel and int4 g32, and with the int8 input embedding (model bytes too)."""
+    import copy
+
+    import torch
+
+    from lowbit import QuantSpec
+    from lowbit.api import embed_spec
+    from lowbit.calibration import eval_windows, load_text_or_pydoc
+    from lowbit.eval.quality import quality_many
+    from lowbit.eval.size import memory_bytes
+    from lowbit.methods import get_method
+    from lowbit.pipeline import quantize_model
+    from lowbit.recipe import Recipe
+
+    _, split = load_text_or_pydoc("python-docs")
+    ids = eval_windows(tok, split.evaluation, 512, windows)
+    body = QuantSpec(4, "int", True, "group", 32)
+    setups = {"head fp32": Recipe(body),
+              "head int8": Recipe(body, quantize_head=True, head_spec=QuantSpec(8, "int", True, "channel")),
+              "head int4 g32": Recipe(body, quantize_head=True, head_spec=body),
+              "head int8 + int8 embed": Recipe(body, quantize_head=True, head_spec=QuantSpec(8, "int", True, "channel"),
+                                               embed_spec=embed_spec(8))}
+    models = {}
+    for n, recipe in setups.items():
+        models[n] = copy.deepcopy(base)
+        quantize_model(models[n], recipe, get_method("rtn"), progress=False)
+    orig, res = quality_many(base, models, ids, progress=False)
+    out = {n: {"perplexity": r["perplexity"], "kl": r["kl"], "model_bytes": memory_bytes(models[n])}
+           for n, r in res.items()}
+    out["fp32_perplexity"] = orig["perplexity"]
+    out["windows"] = int(ids.shape[0])
+    print(f"head/embedding quality: {out}", file=sys.stderr, flush=True)
+    return out
+
+
 def prefill_speed(decoder, prompt, n=512):
     import torch
 
@@ -231,7 +270,9 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--quantize-memory", action="store_true")
+    ap.add_argument("--no-low-memory", action="store_true", help="--quantize-memory: only the default runs")
     ap.add_argument("--prefill-quality", action="store_true")
+    ap.add_argument("--head-quality", action="store_true", help="lm_head fp32 / int8 / int4 and the int8 embedding")
     ap.add_argument("--quality-windows", type=int, default=16)
     ap.add_argument("--work", default=str(HERE / "out" / "kernels"))
     ap.add_argument("--out", default=str(HERE / "results" / "kernels.json"))
@@ -303,6 +344,7 @@ def main():
         ratios["W4 g32 bf16-act / bf16 prefill 512"] = (results["W4 g32"]["bf16_act_prefill_tok_s"]
                                                        / results["bf16"]["prefill_tok_s"])
     prefill_quality = int8_activation_quality(base, tok, args.quality_windows) if args.prefill_quality else {}
+    head_quality = head_embed_quality(base, tok, args.quality_windows) if args.head_quality else {}
 
     memory = {}
     if args.memory:
@@ -322,13 +364,15 @@ def main():
     if args.quantize_memory:
         for bits in (4, 3):
             quant[f"GPTQ W{bits} g64"] = quantize_peak(bits, work)
-            quant[f"GPTQ W{bits} g64 --low-memory"] = quantize_peak(bits, work, low_memory=True)
+            if not args.no_low_memory:
+                quant[f"GPTQ W{bits} g64 --low-memory"] = quantize_peak(bits, work, low_memory=True)
 
     meta = {"torch": torch.__version__, "threads": 2, "load_avg_1min": os.getloadavg()[0], "contexts": contexts,
             "new_tokens": args.new_tokens, "rounds": args.rounds}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios, "memory": memory,
-                                          "quantize_memory": quant, "prefill_quality": prefill_quality}, indent=1))
+                                          "quantize_memory": quant, "prefill_quality": prefill_quality,
+                                          "head_quality": head_quality}, indent=1))
     for n, r in results.items():
         dec = "  ".join(f"@{c}: {v:6.1f}" for c, v in r["decode_tok_s"].items())
         pf = f"  prefill {r['prefill_tok_s']:7.1f}" if "prefill_tok_s" in r else ""

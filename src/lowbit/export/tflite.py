@@ -172,6 +172,13 @@ class _Lowering:
         self.values: dict[str, _Value] = {}
         self.count = 0
 
+    # ---- the layers this lowering takes (a weight-only lowering takes float layers with records) ----
+    def layer_of(self, n: fx.Node):
+        return _layer(n, self.modules)
+
+    def is_linear(self, n: fx.Node) -> bool:
+        return isinstance(self.layer_of(n), Int8Linear)
+
     # ---- tensors ------------------------------------------------------------------------------------
     def _act(self, name: str, shape, qp: Qp | None) -> int:
         shape = (1, *shape[1:]) if shape else shape
@@ -252,7 +259,7 @@ class _Lowering:
                 outs = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
                 for o in outs:
                     self.f.outputs.append(self.need(self.values[o.name], None, "nchw"))
-            elif _layer(n, self.modules) is not None:
+            elif self.layer_of(n) is not None:
                 chain = [n]  # n, the Identity / Dropout nodes after it, and a ReLU to fuse
                 while len(chain[-1].users) == 1 and _passthrough(next(iter(chain[-1].users)), self.modules):
                     chain.append(next(iter(chain[-1].users)))
@@ -260,7 +267,7 @@ class _Lowering:
                 relu = len(after) == 1 and _relu(after[0], self.modules)
                 if relu:
                     chain.append(after[0])
-                value = self.layer(n, _layer(n, self.modules), chain[-1], relu)
+                value = self.layer(n, self.layer_of(n), chain[-1], relu)
                 for c in chain:
                     self.values[c.name] = value
                     fused.add(c.name)
@@ -340,7 +347,7 @@ class _Lowering:
         src = self.values[n.args[0].name]
         qp = next((k[0] for k in src.reps if k[0] is not None), None)
         fold = src.layout == "nhwc" and len(src.shape) == 4 and len(shape) == 2 and src.shape[1] > 1 and all(
-            isinstance(_layer(u, self.modules), Int8Linear) for u in n.users)
+            self.is_linear(u) for u in n.users)
         x = self.need(src, qp, "nhwc" if fold else "nchw")
         new = np.array((-1, *shape[1:]), np.int32)
         out = self._act(self._name("reshape"), shape, qp)
