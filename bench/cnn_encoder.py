@@ -4,6 +4,7 @@
     PYTHONPATH=src bench/.venv-peers/bin/python bench/cnn_encoder.py                  # digits, minilm
     PYTHONPATH=src bench/.venv-peers/bin/python bench/cnn_encoder.py --only digits    # one section (merged)
     PYTHONPATH=src bench/.venv-peers/bin/python bench/cnn_encoder.py --only onnx      # ONNX export + onnxruntime
+    .venv/bin/python bench/cnn_encoder.py --only tflite                               # TFLite export + ai-edge-litert
 
 digits:  the Digits CNN (bench_data: trained here on load_digits, BatchNorm folded into the convs),
          for several training seeds: fp32; lowbit RTN, AWQ (scales folded into the conv / Linear
@@ -234,6 +235,46 @@ def minilm(n_calib: int, n_sentences: int, n_pairs: int, calib_kind: str = "sent
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------
+def tflite_export(calib_images: int) -> dict:
+    """lowbit's weight-only GPTQ results on the Digits CNN (seed 0) exported to TFLite
+    (export/tflite_weights.py: int8 codes per channel, DEQUANTIZE, float ops) and run by
+    ai-edge-litert's interpreter, beside lowbit's own kernels."""
+    import tempfile
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lowbit.export.tflite_weights import export_weight_only
+
+    tmp = Path(tempfile.mkdtemp(prefix="lowbit-tflite-"))
+    rows = {}
+    xtr, xte, ytr, yte = digits_data()
+    model = train_digits_cnn(xtr, ytr, seed=0)
+    fold_batchnorm(model)
+    calib = list(xtr[:calib_images].split(128))
+    rows["digits fp32 parameters"] = {"bytes": sum(p.numel() * 4 for p in model.parameters())}
+    for bits in (4, 3):
+        q = copy.deepcopy(model)
+        rec = lowbit.quantize_module(q, calib, method="gptq", bits=bits, group_size=None, progress=False)
+        path = export_weight_only(q, rec, xte[:1], tmp / f"w{bits}.tflite")
+        it = Interpreter(model_path=str(path))
+        inp = it.get_input_details()[0]
+        it.resize_tensor_input(inp["index"], list(xte.shape))
+        it.allocate_tensors()
+        it.set_tensor(inp["index"], xte.numpy())
+        it.invoke()
+        y = torch.from_numpy(it.get_tensor(it.get_output_details()[0]["index"]).copy())
+        with torch.no_grad():
+            ours = q(xte)
+        label = f"digits lowbit GPTQ W{bits} per-channel -> TFLite (ai-edge-litert)"
+        rows[label] = {
+            "file_bytes": path.stat().st_size, "accuracy_tflite": float((y.argmax(1) == yte).float().mean()) * 100,
+            "accuracy_lowbit": float((ours.argmax(1) == yte).float().mean()) * 100,
+            "same_prediction_as_lowbit": float((y.argmax(1) == ours.argmax(1)).float().mean()) * 100,
+            "logits_max_rel_diff_to_lowbit": float((y - ours).abs().max() / ours.abs().max())}
+        log.info("%s: %s", label, rows[label])
+    return rows
+
+
 def onnx_export(calib_images: int, n_sentences: int) -> dict:
     """lowbit's weight-only results exported to ONNX (export/onnx_weights.py) and run by onnxruntime:
     the Digits CNN (seed 0) at GPTQ W4 per channel and mixed 3.0 bpw, MiniLM at RTN W4 g32 asym
@@ -344,6 +385,8 @@ def main() -> None:
             res = digits(args.seeds, args.calib_images)
         elif section == "onnx":
             res = onnx_export(args.calib_images, args.sentences)
+        elif section == "tflite":
+            res = tflite_export(args.calib_images)
         elif section == "minilm":
             res = minilm(args.calib_n, args.sentences, args.pairs, args.calib, args.nf4)
         else:
