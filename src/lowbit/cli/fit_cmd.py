@@ -133,8 +133,8 @@ def _apply(source, fp_model, tokenizer, setup, choice, context, *, out, method_o
         typer.echo(f"measured on {windows} x {eval_seq_len} held-out {text} tokens, against full precision "
                    f"(weights and cache):")
         typer.echo(f"  perplexity {both['perplexity']:.3f} with the {option.name} KV cache (full precision "
-                   f"{both['perplexity_fp']:.3f}; predicted {measured['predicted_perplexity']:.3f}); "
-                   f"KL {both['kl']:.4f} (predicted {best.predicted_kl:.4f}), top-1 {100 * both['top1_agreement']:.1f}%")
+                   f"{both['perplexity_fp']:.3f}; predicted {measured['predicted_perplexity']:.3f}); KL "
+                   f"{both['kl']:.4f} (predicted {best.predicted_kl:.4f}), top-1 {100 * both['top1_agreement']:.1f}%")
         typer.echo(f"  weights alone: KL {w['kl']:.4f} (predicted {best.weight_kl:.4f}), perplexity "
                    f"{w['perplexity']:.3f}; KV cache alone: KL {kv['kl']:.4f} (measured on calibration text "
                    f"{best.kv.kl:.4f}); sum {w['kl'] + kv['kl']:.4f} vs both {both['kl']:.4f}")

@@ -92,17 +92,14 @@ def fit(setup: FitSetup, budget: int, context: int, weight_kl_scale: float = WEI
                   weight_kl_scale=weight_kl_scale, what=setup.source, context=context)
 
 
-def layer_summary(choice: FitChoice, meas: Measurement) -> list[str]:
+def layer_summary(choice: FitChoice) -> list[str]:
     """Per layer kind (q_proj, ..., down_proj): how many blocks take each option."""
     kinds: dict[str, Counter] = {}
     for name, opt in choice.best.plan.choices.items():
         kind = re.sub(r"^.*?\.\d+\.", "", name)
         kinds.setdefault(kind, Counter())[opt] += 1
-    lines = []
-    for kind in sorted(kinds, key=lambda k: min(meas.layers[n]["block"] * 100 for n in choice.best.plan.choices
-                                               if n.endswith(k))):
-        lines.append(f"  {kind:<22} " + ", ".join(f"{o} x{c}" for o, c in sorted(kinds[kind].items())))
-    return lines
+    return [f"  {kind:<22} " + ", ".join(f"{o} x{c}" for o, c in sorted(kinds[kind].items()))
+            for kind in sorted(kinds)]
 
 
 def format_fit(choice: FitChoice, setup: FitSetup, context: int) -> str:
@@ -117,17 +114,18 @@ def format_fit(choice: FitChoice, setup: FitSetup, context: int) -> str:
         if r.plan is None:
             lines.append(f"{r.kv.name:<16} {r.kv.bytes / 1e6:>10.1f} {'does not fit':>10}")
             continue
-        lines.append(f"{r.kv.name:<16} {r.kv.bytes / 1e6:>10.1f} {choice.total_bytes(r) / 1e6 - r.kv.bytes / 1e6:>10.1f} "
-                     f"{r.plan.bpw:>6.3f} {r.weight_kl:>10.4f} {r.kv.kl:>8.4f} {r.predicted_kl:>9.4f}{mark}")
+        weights = (choice.total_bytes(r) - r.kv.bytes) / 1e6
+        lines.append(f"{r.kv.name:<16} {r.kv.bytes / 1e6:>10.1f} {weights:>10.1f} {r.plan.bpw:>6.3f} "
+                     f"{r.weight_kl:>10.4f} {r.kv.kl:>8.4f} {r.predicted_kl:>9.4f}{mark}")
     b = setup.breakdown(choice, context)
     best = choice.best
     opt = setup.option(best.kv.name)
+    coords = setup.shape.layers * setup.shape.coords_per_token * context
     kvdesc = "full precision (model dtype)" if opt.method is None else \
-        f"{opt.method} at {opt.bits:g} bits ({8 * b.kv / (setup.shape.layers * setup.shape.coords_per_token * context):.3f} " \
-        f"stored bits/coordinate)"
+        f"{opt.method} at {opt.bits:g} bits ({8 * b.kv / coords:.3f} stored bits/coordinate)"
     lines += [f"chosen: KV cache {kvdesc}; decoder Linears at {best.plan.bpw:.3f} bits per weight "
               f"(optimality gap <= {best.plan.gap:.2g})",
-              "per layer kind:", *layer_summary(choice, setup.meas),
+              "per layer kind:", *layer_summary(choice),
               f"memory: {format_bytes(b.fixed_weights)} embeddings/norms + {format_bytes(b.linear_weights)} decoder "
               f"Linears + {format_bytes(b.kv)} KV cache at {context} tokens + {format_bytes(b.overhead)} decode "
               f"working set = {format_bytes(b.total)} of {format_bytes(choice.budget)}",
