@@ -19,7 +19,10 @@ weights and the KV cache.
   values read back in the model dtype (a packed cache dequantizes its whole context every step),
   their copy expanded to every query head (grouped-query attention), one head-row of attention
   scores per head (fp32), and the hidden / MLP activations of one token. The interpreter and
-  libraries (python, torch, transformers: a few hundred MB of RSS) are not counted.
+  libraries (python, torch, transformers: a few hundred MB of RSS) are not counted, nor the
+  temporaries of dequantizing the packed cache (int64 codes, fp32 rotations: measured ~14x the
+  read-back at 3 bits; bench/fit.py: the peak while decoding is ~2.5x this total), so the budget
+  is the steady state, not the peak of a decode step.
 """
 
 from __future__ import annotations
