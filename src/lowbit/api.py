@@ -72,13 +72,13 @@ def make_recipe(*, method: str = "gptq", bits: int = 4, group_size: int | None =
 def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, calib_text: str | None = None,
                 n_samples: int = 64, seq_len: int = 512, overwrite: bool = False, progress: bool = True,
                 state_dir: str | Path | None = None, fmt: str = "lowbit", format_options: dict | None = None,
-                record_stats: bool = False):
+                record_stats: bool = False, meta: dict | None = None):
     """Load, quantize per recipe, save atomically to `out` (if given) in format `fmt`; returns
     (model, tokenizer).
 
     record_stats: store the run's wall time and the process's peak RSS in the checkpoint's
     metadata (`quantize_stats`, for `lowbit report`); off by default, since it makes the same
-    inputs give different files.
+    inputs give different files. meta: extra manifest entries (e.g. `lowbit fit`'s `kv_cache`).
 
     calib_text: None is the stdlib pydoc text for methods that need calibration (a text given to
     one that does not is a warning). A calibrated run writing `out` keeps its state beside it
@@ -116,7 +116,8 @@ def quantize_to(model_source: str, out: str | Path | None, recipe: Recipe, *, ca
         stats = {"quantize_stats": run_stats(started)} if record_stats else {}
         qm = QuantizedModel.from_model(model, tokenizer, records, method=recipe.method,
                                        options=dataclasses.asdict(method.options), source=str(model_source),
-                                       calibration=(calib_text or "pydoc") if calib is not None else None, **stats)
+                                       calibration=(calib_text or "pydoc") if calib is not None else None, **stats,
+                                       **(meta or {}))
         writer.write(qm, out, overwrite=overwrite, **(format_options or {}))
     if own_state:
         shutil.rmtree(state_dir, ignore_errors=True)

@@ -25,13 +25,14 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 def _register() -> None:
     import importlib.util
 
-    from lowbit.cli import (export_cmd, finetune_cmd, generate_cmd, inspect_cmd, models_cmd, plan_cmd, qat_cmd,
-                            report_cmd)
+    from lowbit.cli import (export_cmd, finetune_cmd, fit_cmd, generate_cmd, inspect_cmd, models_cmd, plan_cmd,
+                            qat_cmd, report_cmd)
 
     if app.registered_commands:  # main() called again in the same process
         return
     models_cmd.register(app)
     plan_cmd.register(app)
+    fit_cmd.register(app)
     inspect_cmd.register(app)
     generate_cmd.register(app)
     export_cmd.register(app)

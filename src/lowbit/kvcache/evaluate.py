@@ -26,12 +26,14 @@ def cache_factory(config, method: str, bits: float, **kwargs) -> Callable[[], Qu
 
 
 @torch.no_grad()
-def kv_eval(model, windows: torch.Tensor, factories: dict[str, Callable], progress: bool = True) -> dict[str, dict]:
+def kv_eval(model, windows: torch.Tensor, factories: dict[str, Callable], progress: bool = True,
+            reference=None) -> dict[str, dict]:
     """Perplexity, KL(full ‖ quantized), top-1 agreement and cache size for each cache factory.
 
     ``windows`` is ``[n, seq_len]`` token ids; each window is one forward pass with a fresh cache, so
     every position attends to keys/values read back from the quantized cache.  The full-precision
-    reference (``DynamicCache``) is computed once per window and shared by all factories.
+    reference (``DynamicCache``) is computed once per window and shared by all factories; it runs
+    ``reference`` (e.g. the full-precision original of a quantized ``model``) when given, else ``model``.
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise LowbitError(f"windows must be [n, seq_len >= 2] token ids, got shape {tuple(windows.shape)}")
@@ -42,7 +44,8 @@ def kv_eval(model, windows: torch.Tensor, factories: dict[str, Callable], progre
     for w in bar:
         ids = w[None].to(device)
         labels = ids[0, 1:]
-        ref = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0, :-1]
+        ref_model = model if reference is None else reference
+        ref = ref_model(ids, past_key_values=DynamicCache(config=ref_model.config), use_cache=True).logits[0, :-1]
         ref = ref.float().log_softmax(-1)
         nll_ref += -ref.gather(-1, labels[:, None]).sum().item()
         n_tok += labels.numel()
