@@ -1,19 +1,22 @@
 """QAT and hybrid PTQ -> QAT against PTQ, same inputs, one run per section.
 
     PYTHONPATH=src .venv/bin/python bench/qat.py --only digits
-    PYTHONPATH=src .venv/bin/python bench/qat.py --only smollm2 --minutes 8 --steps 400
+    PYTHONPATH=src .venv/bin/python bench/qat.py --only smollm2 --scheme w3g64 --cpu-minutes 60 --block-steps 40
 
 digits:  the Digits CNN (bench_data, trained here in seconds) at W4A8 and W2A8 (symmetric
          per-channel weights, static per-tensor int8 activations): fp32; PTQ (lowbit.ptq: min-max
          observers, RTN weights); QAT (lowbit.qat: LSQ weights and activation ranges from the same
          observers, BN folded, a few epochs of the trainer) -> convert -> Int8Conv2d / Int8Linear.
          Test accuracy of the converted integer models; recovery = (QAT - PTQ) / (fp32 - PTQ).
-smollm2: the bundled SmolLM2-135M at W3 g64 asym (and --scheme w2g64): GPTQ; hybrid GPTQ -> QAT
-         (KD against the fp32 model's logits); RTN -> QAT; each QAT run the same wall-clock budget
-         (--minutes) and step cap on this machine. Perplexity on held-out windows (the evaluation
-         part of --text, never trained on) against steps: bench/results/qat_<scheme>.png; the
-         hybrid result is saved and reloaded through lowbit's checkpoint (`lowbit export` takes it
-         to the other formats) and exported to the GPTQ format.
+smollm2: the bundled SmolLM2-135M at W3 g64 asym (and --scheme w2g64): GPTQ -> Block-AP (hybrid;
+         EfficientQAT's block-wise training against the fp blocks' outputs, lowbit.qat.block_ap)
+         and RTN -> Block-AP, each the same training budget in process CPU time
+         (--cpu-minutes; time.process_time(), all threads; 60 = 30 minutes on 2 idle cores;
+         evaluations not counted). Perplexity on held-out windows (the evaluation part of --text,
+         never trained on) against cumulative steps: bench/results/qat_<scheme><tag>.png; the
+         hybrid result is converted, saved and reloaded through lowbit's checkpoint and written
+         in the GPTQ format. On a loaded machine run one init per process (--inits gptq --tag
+         _gptq, --inits rtn --tag _rtn) and merge them with --combine KEY (one entry, one plot).
 Results: bench/results/qat.json (sections merged).
 """
 
@@ -233,6 +236,24 @@ def plot(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def combine(results: dict, scheme: str, key: str) -> dict:
+    """One entry (and the two-curve plot) from runs made one init per process (`--inits gptq
+    --tag _gptq`, then `--inits rtn --tag _rtn`): the same settings, one after the other."""
+    parts = [results[k] for k in (f"smollm2_{scheme}_gptq", f"smollm2_{scheme}_rtn") if k in results]
+    if not parts:
+        raise SystemExit(f"no smollm2_{scheme}_gptq / _rtn entries in {RESULTS / 'qat.json'}")
+    out = {k: v for k, v in parts[0].items() if k not in ("runs", "hybrid_cut_of_gptq_increase")}
+    out["runs"] = {init: run for part in parts for init, run in part["runs"].items()}
+    g = out["runs"].get("gptq")
+    if g is not None:
+        inc = g["ptq_ppl"] - out["fp32_ppl"]
+        out["hybrid_cut_of_gptq_increase"] = (g["ptq_ppl"] - g["qat_ppl"]) / inc if inc > 0 else None
+        if "rtn" in out["runs"]:
+            out["hybrid_beats_rtn_qat"] = g["qat_ppl"] < out["runs"]["rtn"]["qat_ppl"]
+    plot(out, RESULTS / f"qat_{key.removeprefix('smollm2_')}.png")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="digits,smollm2")
@@ -250,11 +271,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tag", default="", help="suffix of the result key and the plot (several settings side by side)")
+    ap.add_argument("--combine", default=None, help="only merge smollm2_<scheme>_gptq / _rtn into this key + plot")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import lowbit._cpu  # noqa: F401,E402  (after torch)
 
     path = RESULTS / "qat.json"
+    if args.combine:
+        merged = json.loads(path.read_text())
+        merged[args.combine] = combine(merged, args.scheme, args.combine)
+        c = merged[args.combine]
+        print(f"{args.combine}: hybrid cut of GPTQ's increase {c.get('hybrid_cut_of_gptq_increase')}, "
+              f"beats RTN -> Block-AP: {c.get('hybrid_beats_rtn_qat')}")
+        path.write_text(json.dumps(merged, indent=2))
+        return
     only = args.only.split(",")
     results = {}
     if "digits" in only:
