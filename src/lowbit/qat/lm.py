@@ -190,8 +190,8 @@ def train_qat_lm(model_source: str, out: str | Path | None, opts: LMQATOptions, 
 
         calib = calibration_batches(tokenizer, split.calibration, opts.calib_samples, opts.seq_len, seed=opts.seed + 1)
         bap = block_ap(student, teacher, calib, opts.block_ap_config(), state_dir=state_dir, progress=progress)
-        result = TrainResult(steps=opts.steps * bap.blocks, losses=[v for i in sorted(bap.losses) for v in bap.losses[i]],
-                             resumed_from=bap.resumed_from)
+        losses = [v for i in sorted(bap.losses) for v in bap.losses[i]]
+        result = TrainResult(steps=opts.steps * bap.blocks, losses=losses, resumed_from=bap.resumed_from)
     else:
         weights, qparams = qat_parameters(student, train_weights=opts.train_weights, train_bias=opts.train_weights)
         loss_fn = causal_lm_kd(teacher, opts.temperature) if opts.loss == "kd" else causal_lm_ce
@@ -200,7 +200,8 @@ def train_qat_lm(model_source: str, out: str | Path | None, opts: LMQATOptions, 
     del teacher
     records = convert_qat(student)
     if out is not None:
-        qm = QuantizedModel.from_model(student, tokenizer, records, method=f"qat-{opts.method}+{opts.init}", options=asdict(opts),
+        qm = QuantizedModel.from_model(student, tokenizer, records, method=f"qat-{opts.method}+{opts.init}",
+                                       options=asdict(opts),
                                        source=str(model_source), calibration=opts.data,
                                        qat={"losses": result.losses[-50:], "steps": opts.steps, "method": opts.method})
         format_module("lowbit").write(qm, out, overwrite=overwrite)
