@@ -1,19 +1,22 @@
 """QAT and hybrid PTQ -> QAT against PTQ, same inputs, one run per section.
 
     PYTHONPATH=src .venv/bin/python bench/qat.py --only digits
-    PYTHONPATH=src .venv/bin/python bench/qat.py --only smollm2 --minutes 8 --steps 400
+    PYTHONPATH=src .venv/bin/python bench/qat.py --only smollm2 --scheme w3g64 --cpu-minutes 60 --block-steps 40
 
 digits:  the Digits CNN (bench_data, trained here in seconds) at W4A8 and W2A8 (symmetric
          per-channel weights, static per-tensor int8 activations): fp32; PTQ (lowbit.ptq: min-max
          observers, RTN weights); QAT (lowbit.qat: LSQ weights and activation ranges from the same
          observers, BN folded, a few epochs of the trainer) -> convert -> Int8Conv2d / Int8Linear.
          Test accuracy of the converted integer models; recovery = (QAT - PTQ) / (fp32 - PTQ).
-smollm2: the bundled SmolLM2-135M at W3 g64 asym (and --scheme w2g64): GPTQ; hybrid GPTQ -> QAT
-         (KD against the fp32 model's logits); RTN -> QAT; each QAT run the same wall-clock budget
-         (--minutes) and step cap on this machine. Perplexity on held-out windows (the evaluation
-         part of --text, never trained on) against steps: bench/results/qat_<scheme>.png; the
-         hybrid result is saved and reloaded through lowbit's checkpoint (`lowbit export` takes it
-         to the other formats) and exported to the GPTQ format.
+smollm2: the bundled SmolLM2-135M at W3 g64 asym (and --scheme w2g64): GPTQ -> Block-AP (hybrid;
+         EfficientQAT's block-wise training against the fp blocks' outputs, lowbit.qat.block_ap)
+         and RTN -> Block-AP, each the same training budget in process CPU time
+         (--cpu-minutes; time.process_time(), all threads; 60 = 30 minutes on 2 idle cores;
+         evaluations not counted). Perplexity on held-out windows (the evaluation part of --text,
+         never trained on) against cumulative steps: bench/results/qat_<scheme><tag>.png; the
+         hybrid result is converted, saved and reloaded through lowbit's checkpoint and written
+         in the GPTQ format. On a loaded machine run one init per process (--inits gptq --tag
+         _gptq, --inits rtn --tag _rtn) and merge them with --combine KEY (one entry, one plot).
 Results: bench/results/qat.json (sections merged).
 """
 
@@ -104,15 +107,16 @@ def ppl(model, windows) -> float:
     return math.exp(nll / n)
 
 
-def smollm2(scheme: str, minutes: float, max_steps: int, eval_every: int, eval_windows_n: int, text: str,
-            lr: float, qparam_lr: float, batch: int, seq_len: int, tag: str = "") -> dict:
-    from lowbit.calibration import eval_windows
+def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, eval_windows_n: int, text: str,
+            lr: float, qparam_lr: float, batch: int, seq_len: int, calib_windows: int, inits: list[str],
+            tag: str = "") -> dict:
+    """Block-AP (EfficientQAT) from each PTQ start, the same CPU budget each (process CPU time,
+    all threads: 60 CPU-minutes = 30 minutes on 2 idle cores; evaluations are not counted)."""
+    from lowbit.calibration import calibration_batches, eval_windows
     from lowbit.calibration.text import load_text_or_pydoc
     from lowbit.models import load_model
-    from lowbit.qat import qat_parameters
-    from lowbit.qat.lm import LMQATOptions, prepare_lm_student, training_tokens, window_batches
-    from lowbit.qat.losses import causal_lm_kd
-    from lowbit.qat.trainer import TrainConfig, train
+    from lowbit.qat.block_ap import BlockAPConfig, block_ap
+    from lowbit.qat.lm import LMQATOptions, prepare_lm_student
 
     source, split = load_text_or_pydoc(text)
     teacher, tok = load_model("default")
@@ -120,62 +124,62 @@ def smollm2(scheme: str, minutes: float, max_steps: int, eval_every: int, eval_w
     for p in teacher.parameters():
         p.requires_grad_(False)
     windows = eval_windows(tok, split.evaluation, 512, eval_windows_n)
-    ids = training_tokens(tok, split.calibration, seq_len, source)
+    calib = calibration_batches(tok, split.calibration, calib_windows, seq_len, seed=1)
     ppl_fp = ppl(teacher, windows)
+    cfg = BlockAPConfig(steps=block_steps, batch=batch, lr=lr, qparam_lr=qparam_lr)
     out = {"scheme": scheme, "text": source, "eval_windows": int(windows.shape[0]), "eval_seq_len": 512,
-           "fp32_ppl": ppl_fp, "minutes_per_run": minutes, "max_steps": max_steps, "lr": lr, "qparam_lr": qparam_lr,
-           "batch": batch, "seq_len": seq_len, "threads": torch.get_num_threads(),
-           "load_average_at_start": os.getloadavg()[0], "runs": {}}
+           "fp32_ppl": ppl_fp, "method": "block-ap", "cpu_minutes_budget": cpu_minutes,
+           "budget_clock": "time.process_time() of this process (all threads), evaluations excluded",
+           "block_ap": {k: v for k, v in cfg.__dict__.items()}, "calib_windows": calib_windows, "seq_len": seq_len,
+           "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0], "runs": {}}
     print(f"smollm2 {scheme}: fp32 ppl {ppl_fp:.3f} on {windows.shape[0]}x512 held-out tokens ({source})", flush=True)
-    for init in ("gptq", "rtn"):
-        opts = LMQATOptions(scheme=scheme, init=init, data=source, steps=max_steps, lr=lr, qparam_lr=qparam_lr,
-                            batch=batch, seq_len=seq_len)
-        t0 = time.perf_counter()
+    for init in inits:
+        opts = LMQATOptions(scheme=scheme, init=init, data=source, seq_len=seq_len)
+        c0, t0 = time.process_time(), time.perf_counter()
         student, _ = prepare_lm_student(teacher, tok, opts, split.calibration, progress=False)
-        ptq_secs = time.perf_counter() - t0
+        ptq_cpu, ptq_wall = time.process_time() - c0, time.perf_counter() - t0
         p0 = ppl(student, windows)
         curve = [(0, p0, 0.0)]
-        print(f"  {init}: PTQ ppl {p0:.3f} ({ptq_secs:.0f}s)", flush=True)
-        weights, qparams = qat_parameters(student)
-        budget = minutes * 60
-        eval_secs = [0.0]
-        done = [0]
-        t_train = time.perf_counter()
+        print(f"  {init}: PTQ ppl {p0:.3f} ({ptq_cpu:.0f} CPU s)", flush=True)
+        budget = cpu_minutes * 60
+        eval_cpu = [0.0]
+        c_train, t_train = time.process_time(), time.perf_counter()
 
-        class Budget(Exception):
-            pass
+        def used() -> float:
+            return time.process_time() - c_train - eval_cpu[0]
 
-        def on_step(step, loss, student=student):
-            done[0] = step + 1
-            if (step + 1) % eval_every == 0:
-                t_eval = time.perf_counter()
-                curve.append((step + 1, ppl(student, windows), round(t_eval - t_train - eval_secs[0], 1)))
-                print(f"    step {step + 1}: loss {loss:.4f} ppl {curve[-1][1]:.3f}", flush=True)
-                eval_secs[0] += time.perf_counter() - t_eval  # evaluation time is not training budget
-            if time.perf_counter() - t_train - eval_secs[0] > budget:
-                raise Budget
+        def on_block(i, res, student=student, curve=curve):
+            if (i + 1) % eval_every == 0:
+                c_eval = time.process_time()
+                steps = sum(len(v) for v in res.losses.values())
+                curve.append((steps, ppl(student, windows), round(used(), 1)))
+                print(f"    block {i}: MSE {res.start_mse[i]:.4g} -> {res.end_mse[i]:.4g}; {steps} steps "
+                      f"ppl {curve[-1][1]:.3f} ({curve[-1][2]:.0f} CPU s)", flush=True)
+                eval_cpu[0] += time.process_time() - c_eval
 
-        cfg = TrainConfig(steps=max_steps, lr=lr, qparam_lr=qparam_lr, seed=0)
-        try:
-            train(student, causal_lm_kd(teacher), window_batches(ids, batch, seq_len, 0), cfg, weights, qparams,
-                  progress=False, on_step=on_step)
-        except Budget:
-            pass
-        train_secs = time.perf_counter() - t_train - eval_secs[0]
-        if curve[-1][0] != done[0]:
-            curve.append((done[0], ppl(student, windows), round(train_secs, 1)))
+        res = block_ap(student, teacher, calib, cfg, progress=False, stop=lambda: used() > budget, on_block=on_block)
+        train_cpu, train_wall = used(), time.perf_counter() - t_train
+        steps = sum(len(v) for v in res.losses.values())
+        if curve[-1][0] != steps:
+            curve.append((steps, ppl(student, windows), round(train_cpu, 1)))
         p_final = curve[-1][1]
-        run = {"ptq_ppl": p0, "qat_ppl": p_final, "ptq_seconds": round(ptq_secs, 1), "curve": curve,
-               "steps": done[0], "train_seconds_excl_eval": round(train_secs, 1)}
+        run = {"ptq_ppl": p0, "qat_ppl": p_final, "ptq_cpu_seconds": round(ptq_cpu, 1),
+               "ptq_wall_seconds": round(ptq_wall, 1), "curve": curve, "steps": steps, "blocks_trained": res.blocks,
+               "stopped_at_block": res.stopped_at, "train_cpu_seconds_excl_eval": round(train_cpu, 1),
+               "train_wall_seconds_incl_eval": round(train_wall, 1),
+               "block_mse": {i: [res.start_mse[i], res.end_mse[i]] for i in res.end_mse}}
         out["runs"][init] = run
-        print(f"  {init}: PTQ {p0:.3f} -> QAT {p_final:.3f}", flush=True)
+        print(f"  {init}: PTQ {p0:.3f} -> Block-AP {p_final:.3f} ({res.blocks} blocks, {train_cpu:.0f} CPU s, "
+              f"{train_wall:.0f} s wall)", flush=True)
         if init == "gptq":
             run["export"] = export_check(student, tok, windows[:2])
         del student
-    g, r = out["runs"]["gptq"], out["runs"]["rtn"]
-    inc = g["ptq_ppl"] - ppl_fp
-    out["hybrid_cut_of_gptq_increase"] = (g["ptq_ppl"] - g["qat_ppl"]) / inc if inc > 0 else None
-    out["hybrid_beats_rtn_qat"] = g["qat_ppl"] < r["qat_ppl"]
+    if "gptq" in out["runs"]:
+        g = out["runs"]["gptq"]
+        inc = g["ptq_ppl"] - ppl_fp
+        out["hybrid_cut_of_gptq_increase"] = (g["ptq_ppl"] - g["qat_ppl"]) / inc if inc > 0 else None
+        if "rtn" in out["runs"]:
+            out["hybrid_beats_rtn_qat"] = g["qat_ppl"] < out["runs"]["rtn"]["qat_ppl"]
     plot(out, RESULTS / f"qat_{scheme}{tag}.png")
     return out
 
@@ -216,13 +220,15 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for init, label in (("gptq", "hybrid GPTQ -> QAT (KD)"), ("rtn", "RTN -> QAT (KD)")):
+    for init, label in (("gptq", "hybrid GPTQ -> Block-AP"), ("rtn", "RTN -> Block-AP")):
+        if init not in out["runs"]:
+            continue
         c = out["runs"][init]["curve"]
         ax.plot([s for s, _, _ in c], [p for _, p, _ in c], marker="o", label=label)
     ax.axhline(out["fp32_ppl"], color="gray", linestyle="--", label=f"fp32 ({out['fp32_ppl']:.2f})")
-    ax.set_xlabel("training steps")
+    ax.set_xlabel("training steps (block-wise, cumulative)")
     ax.set_ylabel("perplexity (held-out)")
-    ax.set_title(f"SmolLM2-135M {out['scheme']}: QAT, {out['minutes_per_run']} min/run budget")
+    ax.set_title(f"SmolLM2-135M {out['scheme']}: Block-AP, {out['cpu_minutes_budget']:g} CPU-min/run")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,33 +236,63 @@ def plot(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def combine(results: dict, scheme: str, key: str) -> dict:
+    """One entry (and the two-curve plot) from runs made one init per process (`--inits gptq
+    --tag _gptq`, then `--inits rtn --tag _rtn`): the same settings, one after the other."""
+    parts = [results[k] for k in (f"smollm2_{scheme}_gptq", f"smollm2_{scheme}_rtn") if k in results]
+    if not parts:
+        raise SystemExit(f"no smollm2_{scheme}_gptq / _rtn entries in {RESULTS / 'qat.json'}")
+    out = {k: v for k, v in parts[0].items() if k not in ("runs", "hybrid_cut_of_gptq_increase")}
+    out["runs"] = {init: run for part in parts for init, run in part["runs"].items()}
+    g = out["runs"].get("gptq")
+    if g is not None:
+        inc = g["ptq_ppl"] - out["fp32_ppl"]
+        out["hybrid_cut_of_gptq_increase"] = (g["ptq_ppl"] - g["qat_ppl"]) / inc if inc > 0 else None
+        if "rtn" in out["runs"]:
+            out["hybrid_beats_rtn_qat"] = g["qat_ppl"] < out["runs"]["rtn"]["qat_ppl"]
+    plot(out, RESULTS / f"qat_{key.removeprefix('smollm2_')}.png")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="digits,smollm2")
     ap.add_argument("--scheme", default="w3g64")
-    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget per QAT run")
-    ap.add_argument("--steps", type=int, default=400, help="step cap per QAT run (the cosine schedule's length)")
-    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--cpu-minutes", type=float, default=60.0,
+                    help="training budget per run in process CPU minutes (60 = 30 min on 2 idle cores)")
+    ap.add_argument("--block-steps", type=int, default=40, help="Block-AP optimizer steps per block")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--inits", default="gptq,rtn")
+    ap.add_argument("--eval-every", type=int, default=10, help="blocks between evaluations")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--text", default="python-docs")
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--qparam-lr", type=float, default=1e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--qparam-lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tag", default="", help="suffix of the result key and the plot (several settings side by side)")
+    ap.add_argument("--combine", default=None, help="only merge smollm2_<scheme>_gptq / _rtn into this key + plot")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import lowbit._cpu  # noqa: F401,E402  (after torch)
 
     path = RESULTS / "qat.json"
+    if args.combine:
+        merged = json.loads(path.read_text())
+        merged[args.combine] = combine(merged, args.scheme, args.combine)
+        c = merged[args.combine]
+        print(f"{args.combine}: hybrid cut of GPTQ's increase {c.get('hybrid_cut_of_gptq_increase')}, "
+              f"beats RTN -> Block-AP: {c.get('hybrid_beats_rtn_qat')}")
+        path.write_text(json.dumps(merged, indent=2))
+        return
     only = args.only.split(",")
     results = {}
     if "digits" in only:
         results["digits"] = digits()
     if "smollm2" in only:
-        results[f"smollm2_{args.scheme}{args.tag}"] = smollm2(args.scheme, args.minutes, args.steps, args.eval_every,
-                                                              args.eval_windows, args.text, args.lr, args.qparam_lr,
-                                                              args.batch, args.seq_len, args.tag)
+        results[f"smollm2_{args.scheme}{args.tag}"] = smollm2(
+            args.scheme, args.cpu_minutes, args.block_steps, args.eval_every, args.eval_windows, args.text, args.lr,
+            args.qparam_lr, args.batch, args.seq_len, args.calib_windows, args.inits.split(","), args.tag)
     RESULTS.mkdir(exist_ok=True)
     merged = json.loads(path.read_text()) if path.is_file() else {}  # read at the end: runs may overlap
     merged.update(results)

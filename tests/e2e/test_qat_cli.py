@@ -9,6 +9,8 @@ import pytest
     (["--scheme", "w4a8"], "weight-only LLM schemes"),
     (["--scheme", "w4g128"], "group_size=128 does not divide"),
     (["--init", "hqq"], "--init 'hqq' is unknown"),
+    (["--method", "adam"], "--method 'adam' is unknown"),
+    (["--batch", "64"], "--calib-samples 32 must be at least --batch 64"),
     (["--steps", "0"], "--steps 0"),
     (["--lr", "-1"], "lr=-1.0"),
     (["--data", "{tmp}/missing.txt"], "no such file"),

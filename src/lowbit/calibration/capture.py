@@ -107,7 +107,7 @@ def capture_first_block_inputs(model, arch: Arch, ids: torch.Tensor, chunk: int 
     return BlockInputs(hidden, per_block[0]), per_block
 
 
-def _kwargs_for(kwargs: dict, batch: int) -> dict:
+def kwargs_for(kwargs: dict, batch: int) -> dict:
     """Slice batch-dependent tensors (captured with a full chunk) for a smaller last chunk."""
     out = {}
     for k, v in kwargs.items():
@@ -137,7 +137,7 @@ def run_block(block, inputs: BlockInputs, runner=None) -> list[torch.Tensor]:
     kwargs = cast_kwargs(inputs.kwargs, dtype)
 
     def forward(h: torch.Tensor) -> torch.Tensor:
-        out = block(h.to(dtype), **_kwargs_for(kwargs, h.shape[0]))
+        out = block(h.to(dtype), **kwargs_for(kwargs, h.shape[0]))
         return (out[0] if isinstance(out, tuple) else out).detach().to(h.dtype)
 
     if runner is not None:

@@ -17,14 +17,20 @@ def register(app: typer.Typer) -> None:
         init: str = typer.Option("gptq", help="PTQ start: rtn | gptq | awq | minmax"),
         data: str = typer.Option("pydoc", help="training text as --calib takes: pydoc, python-docs, a file or "
                                                "folder (its held-out part is never trained on)"),
-        steps: int = typer.Option(100, help="optimizer steps"),
-        lr: float = typer.Option(1e-5, help="peak learning rate of the weights (cosine decay)"),
-        qparam_lr: Optional[float] = typer.Option(1e-5, "--qparam-lr", help="learning rate of the scales / zeros"),
+        method: str = typer.Option("block-ap", help="block-ap (EfficientQAT Block-AP: each decoder block trained to "
+                                                    "reproduce the original block's outputs) | e2e (whole model, "
+                                                    "distillation)"),
+        steps: int = typer.Option(40, help="optimizer steps (per decoder block with --method block-ap)"),
+        lr: Optional[float] = typer.Option(None, help="peak learning rate of the weights (cosine decay); default "
+                                                      "1e-3 (block-ap) / 1e-5 (e2e)"),
+        qparam_lr: Optional[float] = typer.Option(None, "--qparam-lr", help="learning rate of the scales / zeros; "
+                                                                             "default as --lr"),
         batch: int = typer.Option(4, help="windows per step"),
         seq_len: int = typer.Option(256, "--seq-len", help="tokens per window"),
         seed: int = typer.Option(0, help="seed (data order, init): the same seed gives the same result"),
         loss: str = typer.Option("kd", help="kd (distill the full-precision model's logits) | ce"),
-        calib_samples: int = typer.Option(32, "--calib-samples", help="PTQ calibration windows (gptq / awq)"),
+        calib_samples: int = typer.Option(32, "--calib-samples", help="PTQ calibration windows (gptq / awq); "
+                                                                       "Block-AP's training windows"),
         scales_only: bool = typer.Option(False, "--scales-only", help="train the quantization scales and zeros "
                                                                        "only (frozen weights)"),
         checkpoint_every: int = typer.Option(25, "--checkpoint-every", help="steps between checkpoints"),
@@ -35,7 +41,7 @@ def register(app: typer.Typer) -> None:
         from lowbit.qat.lm import LMQATOptions, train_qat_lm
         from lowbit.runtime import configure
 
-        opts = LMQATOptions(scheme=scheme, init=init, data=data, steps=steps, lr=lr, qparam_lr=qparam_lr, batch=batch,
+        opts = LMQATOptions(method=method, scheme=scheme, init=init, data=data, steps=steps, lr=lr, qparam_lr=qparam_lr, batch=batch,
                             seq_len=seq_len, seed=seed, loss=loss, calib_samples=calib_samples,
                             train_weights=not scales_only, checkpoint_every=checkpoint_every)
         configure()

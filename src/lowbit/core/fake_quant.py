@@ -144,10 +144,11 @@ def fake_quantize_activation(x: torch.Tensor, spec, scale: torch.Tensor | None =
 class _GroupedLearnedFakeQuant(torch.autograd.Function):
     """dq = (clamp(round(w/s + z)) - z) · s over grouped views w3 [rows, G, gs], s3 / z3
     [rows|1, G, 1], with LSQ / LSQ+ gradients written out (a handful of passes over the
-    weights instead of autograd's tens)."""
+    weights instead of autograd's tens). held_codes: the scale / zero get the derivative of the
+    forward with the codes held (q - z and -s), not LSQ's (see `fake_quantize_grouped`)."""
 
     @staticmethod
-    def forward(ctx, w3, s3, z3, qmin, qmax):
+    def forward(ctx, w3, s3, z3, qmin, qmax, held_codes=False):
         u = w3 / s3
         if z3 is not None:
             u = u + z3
@@ -155,6 +156,7 @@ class _GroupedLearnedFakeQuant(torch.autograd.Function):
         dq = (q - z3) * s3 if z3 is not None else q * s3
         ctx.save_for_backward(u, q, s3, z3)
         ctx.bounds = (qmin - 0.5, qmax + 0.5)
+        ctx.held_codes = held_codes
         ctx.mark_non_differentiable(q)
         return dq, q
 
@@ -166,15 +168,18 @@ class _GroupedLearnedFakeQuant(torch.autograd.Function):
         gw = g.masked_fill(outside, 0.0) if ctx.needs_input_grad[0] else None
         gs = gz = None
         if ctx.needs_input_grad[1]:
-            t = q - u  # inside: (q - z) - w/s = q - u
-            if z3 is not None:
-                t = torch.where(outside, q - z3, t)
+            if ctx.held_codes:
+                t = q if z3 is None else q - z3
             else:
-                t = torch.where(outside, q, t)
+                t = q - u  # inside: (q - z) - w/s = q - u
+                if z3 is not None:
+                    t = torch.where(outside, q - z3, t)
+                else:
+                    t = torch.where(outside, q, t)
             gs = _reduce_to(g * t, s3.shape)
         if z3 is not None and ctx.needs_input_grad[2]:
-            gz = _reduce_to(g.masked_fill(~outside, 0.0) * (-s3), z3.shape)
-        return gw, gs, gz, None, None
+            gz = _reduce_to((g if ctx.held_codes else g.masked_fill(~outside, 0.0)) * (-s3), z3.shape)
+        return gw, gs, gz, None, None, None
 
 
 def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -186,15 +191,21 @@ def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def fake_quantize_grouped(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                          spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+                          spec: QuantSpec, held_codes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`fake_quantize_learned` for contiguous groups (no g_idx), the fast path QAT trains with:
     the same codes and forward values (elementwise the same arithmetic as `quantize_codes` /
-    `dequantize`), the same LSQ / LSQ+ / STE gradients. Returns (dequantized x, codes as float)."""
+    `dequantize`), the same LSQ / LSQ+ / STE gradients. Returns (dequantized x, codes as float).
+
+    held_codes: the scale and zero point get the exact derivative of the forward with the codes
+    held fixed ((q - z) and -s for every element), EfficientQAT's E2E-QP gradient. LSQ's
+    (q - u) is exactly 0 when x sits on the grid, as it does at a GPTQ / RTN start (x = the
+    record's dequantized weights), so LSQ gives the scales no signal there; Adam then turns the
+    float noise of later steps into full-size scale steps (measured: block MSE rising)."""
     if spec.dtype != "int" or spec.scaled_zero or spec.superblock is not None:
         raise LowbitError(f"learned fake quantization takes plain integer specs; got {spec.describe()}")
     shape = x.shape
     x3 = to_groups(x, spec)
     s3 = scale.unsqueeze(-1)
     z3 = None if zero is None else zero.unsqueeze(-1)
-    dq, q = _GroupedLearnedFakeQuant.apply(x3, s3, z3, spec.qmin, spec.qmax)
+    dq, q = _GroupedLearnedFakeQuant.apply(x3, s3, z3, spec.qmin, spec.qmax, held_codes)
     return dq.reshape(shape), q.reshape(shape)

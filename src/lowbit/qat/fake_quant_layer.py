@@ -63,6 +63,7 @@ class FakeQuantLayer(nn.Module):
         self.weight_zero = None
         self._learn_zero = learned and learn_zero and zero is not None
         self._learn_input = False
+        self.held_codes = False  # scale / zero gradients with the codes held (see fake_quantize_grouped)
         if learned and zero is not None:
             self.weight_zero = nn.Parameter(zero.clone(), requires_grad=learn_zero)
         a = scheme.input
@@ -83,7 +84,7 @@ class FakeQuantLayer(nn.Module):
         s, z = self._qparams()
         w2 = self.weight.reshape(self.out_features, -1)
         if self.g_idx is None:
-            return fake_quantize_grouped(w2, s, z, self.scheme.weight)
+            return fake_quantize_grouped(w2, s, z, self.scheme.weight, self.held_codes)
         return fake_quantize_learned(w2, s, z, self.scheme.weight, self.g_idx)
 
     def record(self) -> QuantizedWeight:

@@ -25,21 +25,27 @@ from lowbit.qat.trainer import TrainConfig, TrainResult, train
 log = logging.getLogger(__name__)
 INITS = ("rtn", "gptq", "awq", "minmax")
 LOSSES = ("kd", "ce")
+METHODS = ("block-ap", "e2e")
+DEFAULT_LR = {"block-ap": (1e-3, 1e-3), "e2e": (1e-5, 1e-5)}  # (weights, scales / zeros)
 
 
 @dataclass(frozen=True)
 class LMQATOptions:
     """scheme: weight-only preset (w3g64, w2g64, w4g64, ...); init: the PTQ start; data: a text
     source as --calib takes (its calibration part trains, the held-out part is never seen);
-    batch x seq_len tokens per step; calib_samples: PTQ calibration windows (gptq / awq);
-    train_weights: False trains the quantization scales (and zeros) only (EfficientQAT's E2E-QP)."""
+    batch x seq_len tokens per step; calib_samples: PTQ calibration windows (gptq / awq), and
+    Block-AP's training windows; train_weights: False trains the quantization scales (and zeros)
+    only (EfficientQAT's E2E-QP). method: "block-ap" (EfficientQAT's Block-AP: each block trained
+    to reproduce the fp block's outputs, `steps` per block; what works within a CPU budget) or
+    "e2e" (the whole model against the fp model's logits, `steps` in total, `loss`); lr /
+    qparam_lr None: the method's default (DEFAULT_LR)."""
 
     scheme: str = "w3g64"
     init: str = "gptq"
     data: str = "pydoc"
-    steps: int = 100
-    lr: float = 1e-5
-    qparam_lr: float | None = 1e-5
+    steps: int = 40
+    lr: float | None = None
+    qparam_lr: float | None = None
     batch: int = 4
     seq_len: int = 256
     seed: int = 0
@@ -49,8 +55,11 @@ class LMQATOptions:
     train_weights: bool = True
     learn_zero: bool = True
     checkpoint_every: int = 25
+    method: str = "block-ap"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LowbitError(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         if self.init not in INITS:
             raise LowbitError(f"--init {self.init!r} is unknown; choose one of {', '.join(INITS)}")
         if self.loss not in LOSSES:
@@ -63,10 +72,30 @@ class LMQATOptions:
         if s.input is not None:
             raise LowbitError(f"--scheme {self.scheme}: train-qat trains weight-only LLM schemes (w3g64, w2g64, "
                               "w4g64, ...); activation schemes train through the Python API (lowbit.qat)")
+        if self.method == "block-ap":
+            self.block_ap_config()
+            if self.calib_samples < self.batch:
+                raise LowbitError(f"--calib-samples {self.calib_samples} must be at least --batch {self.batch} "
+                                  "(Block-AP trains on the calibration windows)")
+        else:
+            self.train_config()
+
+    def learning_rates(self) -> tuple[float, float]:
+        lr, qlr = DEFAULT_LR[self.method]
+        lr = lr if self.lr is None else self.lr
+        return lr, (qlr if self.lr is None else lr) if self.qparam_lr is None else self.qparam_lr
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, qparam_lr=self.qparam_lr, seed=self.seed,
+        lr, qlr = self.learning_rates()
+        return TrainConfig(steps=self.steps, lr=lr, qparam_lr=qlr, seed=self.seed,
                            checkpoint_every=self.checkpoint_every)
+
+    def block_ap_config(self):
+        from lowbit.qat.block_ap import BlockAPConfig
+
+        lr, qlr = self.learning_rates()
+        return BlockAPConfig(steps=self.steps, batch=self.batch, lr=lr, qparam_lr=qlr, seed=self.seed,
+                             train_weights=self.train_weights)
 
 
 def training_tokens(tokenizer, text: str, seq_len: int, source: str) -> torch.Tensor:
@@ -153,20 +182,28 @@ def train_qat_lm(model_source: str, out: str | Path | None, opts: LMQATOptions, 
     student, _ = prepare_lm_student(teacher, tokenizer, opts, split.calibration, progress)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    weights, qparams = qat_parameters(student, train_weights=opts.train_weights, train_bias=opts.train_weights)
-    loss_fn = causal_lm_kd(teacher, opts.temperature) if opts.loss == "kd" else causal_lm_ce
     own_state = state_dir is None and out is not None
     if own_state:
         state_dir = qat_state_dir(out)
-    result: TrainResult = train(student, loss_fn, window_batches(ids, opts.batch, opts.seq_len, opts.seed),
-                                opts.train_config(), weights, qparams, state_dir=state_dir, progress=progress,
-                                on_step=on_step)
+    if opts.method == "block-ap":
+        from lowbit.qat.block_ap import block_ap
+
+        calib = calibration_batches(tokenizer, split.calibration, opts.calib_samples, opts.seq_len, seed=opts.seed + 1)
+        bap = block_ap(student, teacher, calib, opts.block_ap_config(), state_dir=state_dir, progress=progress)
+        losses = [v for i in sorted(bap.losses) for v in bap.losses[i]]
+        result = TrainResult(steps=opts.steps * bap.blocks, losses=losses, resumed_from=bap.resumed_from)
+    else:
+        weights, qparams = qat_parameters(student, train_weights=opts.train_weights, train_bias=opts.train_weights)
+        loss_fn = causal_lm_kd(teacher, opts.temperature) if opts.loss == "kd" else causal_lm_ce
+        result = train(student, loss_fn, window_batches(ids, opts.batch, opts.seq_len, opts.seed),
+                       opts.train_config(), weights, qparams, state_dir=state_dir, progress=progress, on_step=on_step)
     del teacher
     records = convert_qat(student)
     if out is not None:
-        qm = QuantizedModel.from_model(student, tokenizer, records, method=f"qat+{opts.init}", options=asdict(opts),
+        qm = QuantizedModel.from_model(student, tokenizer, records, method=f"qat-{opts.method}+{opts.init}",
+                                       options=asdict(opts),
                                        source=str(model_source), calibration=opts.data,
-                                       qat={"losses": result.losses[-50:], "steps": opts.steps})
+                                       qat={"losses": result.losses[-50:], "steps": opts.steps, "method": opts.method})
         format_module("lowbit").write(qm, out, overwrite=overwrite)
         if own_state:
             shutil.rmtree(state_dir, ignore_errors=True)
