@@ -196,6 +196,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=4, help="greedy-decode prompts (one batch)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--peer-windows", type=int, default=2, help="windows of the token-by-token peer evaluation")
+    ap.add_argument("--peer-seq-len", type=int, default=256, help="tokens of each token-by-token window")
     ap.add_argument("--residual", type=int, default=32, help="QuantizedCache residual_length (fp tokens, counted)")
     ap.add_argument("--long-ctx", type=int, default=4096, help="needle-in-a-haystack context (tokens)")
     ap.add_argument("--speed-ctx", default="1024,4096,8192")
@@ -280,7 +281,7 @@ def main():
         peers = {f"transformers QuantizedCache {be} (residual {args.residual})@{nb}": (be, nb)
                  for be in ("quanto", "hqq") if available(be) for nb in (2, 4)}
         res["peers_missing"] = [be for be in ("quanto", "hqq") if not available(be)]
-        pw = ids[:args.peer_windows]
+        pw = ids[:args.peer_windows, :args.peer_seq_len]
         lowbit_pick = {f"{v}@{b}": factory(v, b) for v, b in
                        (("turboquant + key basis, 8-bit norms", 2.25), ("turboquant + key basis, 8-bit norms", 4.125))}
         with tqdm(total=len(pw) * (len(peers) + len(lowbit_pick)), desc="token-by-token eval") as bar:
