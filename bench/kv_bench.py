@@ -102,6 +102,8 @@ VARIANTS = {"turboquant (plain)": ("turboquant", {"plain": True}),
 #: variant -> nominal bits evaluated (the default set; --all-methods adds prod / polarquant / qjl)
 GRID = {"turboquant (plain)": [2.5, 3.5], "kivi": [2, 3, 4], "turboquant + key basis": [2.5, 3.5],
         "turboquant + key basis, 8-bit norms": [2, 2.125, 2.5, 3, 3.25, 3.5, 4, 4.125]}
+#: --small-grid: the rows that decide the targets and the matched comparison (slow machines, larger models)
+GRID_SMALL = {"kivi": [2, 4], "turboquant + key basis, 8-bit norms": [2.125, 3.25, 3.5, 4.125]}
 MODELS = {"default": "smollm2-135m", "gemma3-270m": "gemma3-270m"}
 #: (restated issue-16 targets) model -> {stored bits/coordinate: max Δperplexity %}
 TARGETS = {"smollm2-135m": {3.5: 1.0, 2.5: 5.0}, "gemma3-270m": {3.5: 0.5, 2.5: 2.0}}
@@ -205,6 +207,7 @@ def main():
     ap.add_argument("--basis-windows", type=int, default=4, help="calibration windows of the key basis")
     ap.add_argument("--text", default="python-docs", help="text source (falls back to the stdlib pydoc text)")
     ap.add_argument("--window", type=int, default=0, help="full-precision recent window of the caches")
+    ap.add_argument("--small-grid", action="store_true", help="only the rows of GRID_SMALL")
     ap.add_argument("--all-methods", action="store_true", help="also turboquant-prod, polarquant, qjl")
     ap.add_argument("--quick", action="store_true", help="1 window of 256 tokens, small greedy / needle runs")
     args = ap.parse_args()
@@ -240,6 +243,15 @@ def main():
         print(fmt_table(["method", "quantize vec/s", "dequantize vec/s"],
                         [[k, f"{v['quantize_vectors_per_s']:.3g}", f"{v['dequantize_vectors_per_s']:.3g}"]
                          for k, v in qs.items()]))
+    if "attn-speed" in sections and not sections & {"quality", "peers", "greedy", "niah", "speed"}:
+        from kv_longctx import attention_speed
+
+        results["attention_speed"] = rows = attention_speed([int(c) for c in args.speed_ctx.split(",")])
+        save()
+        print(fmt_table(["context", "contender", "ms", "speed vs fastest fp", "memory vs fp16", "memory vs fp32"],
+                        [[r["context"], r["contender"], f"{r['ms']:.3f}", f"{r['speed_vs_fastest_fp']:.2f}x",
+                          f"{r['memory_vs_fp16']:.3f}", f"{r['memory_vs_fp32']:.3f}"] for r in rows]))
+        return
     if not sections & {"quality", "peers", "greedy", "niah", "speed"}:
         return save()
 
@@ -267,7 +279,7 @@ def main():
             kw["key_basis"] = bases
         return lambda: QuantizedKVCache(method, bits, cfg, window=args.window, **kw)
 
-    grid = dict(GRID)
+    grid = dict(GRID_SMALL if args.small_grid else GRID)
     if args.all_methods:
         grid.update({m: BITS for m in ("turboquant-prod", "polarquant", "qjl")})
     if "quality" in sections:
@@ -346,6 +358,15 @@ def main():
         print(f"\n## Needle in a haystack + greedy agreement at {args.long_ctx} tokens\n")
         for row in res["niah"]:
             print(row)
+    if "attn-speed" in sections:
+        from kv_longctx import attention_speed
+
+        results["attention_speed"] = rows = attention_speed([int(c) for c in args.speed_ctx.split(",")])
+        save()
+        print("\n## One layer's decode attention (SmolLM2 shape: 9 query / 3 kv heads, d=64), medians\n")
+        print(fmt_table(["context", "contender", "ms", "speed vs fastest fp", "memory vs fp16", "memory vs fp32"],
+                        [[r["context"], r["contender"], f"{r['ms']:.3f}", f"{r['speed_vs_fastest_fp']:.2f}x",
+                          f"{r['memory_vs_fp16']:.3f}", f"{r['memory_vs_fp32']:.3f}"] for r in rows]))
     if "speed" in sections:
         from kv_longctx import speed_runs
 

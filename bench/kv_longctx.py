@@ -125,3 +125,74 @@ def speed_runs(model, cfg, contexts, n_tokens: int, bases=None, residual: int = 
             rows.append(row)
         del state
     return rows
+
+
+@torch.no_grad()
+def attention_speed(contexts, bits: float = 3.25, kv_heads: int = 3, q_heads: int = 9, d: int = 64,
+                    reps: int = 15, inv_theta: float = 100000.0) -> list[dict]:
+    """One layer's batch-1 decode attention (SmolLM2's shape) after ``n`` cached tokens, interleaved, medians:
+    fp32 / fp16 K,V + SDPA, lowbit scoring the codes, lowbit dequantize-then-SDPA, and quanto 4-bit
+    dequantize-then-SDPA (what transformers' QuantizedCache does each step).  Keys / values: random with a
+    few large channels, RoPE'd at their positions."""
+    import torch.nn.functional as F
+
+    from lowbit.kvcache.cache_layer import QuantizedKVLayer
+    from lowbit.kvcache.code_scoring import attend_codes
+    from lowbit.kvcache.key_frame import RopeTable, rope
+    from lowbit.kvcache.methods import make_kv_quantizers
+
+    inv = 1.0 / (inv_theta ** (torch.arange(0, d, 2).float() / d))
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for n in contexts:
+        k = torch.randn(1, kv_heads, n, d, generator=g)
+        k[..., :4] = k[..., :4] * 8 + 5
+        k = rope(k, torch.arange(n), inv)
+        v = torch.randn(1, kv_heads, n, d, generator=g)
+        layer = QuantizedKVLayer(lambda kd, vd: make_kv_quantizers("turboquant", kd, vd, bits, 0, norm_bits=8),
+                                 sink=1, inv_freq=inv, key_scale_power=0.25, score_codes=True,
+                                 rope_table=RopeTable(inv))
+        layer.update(k, v)
+        q = torch.randn(1, q_heads, 1, d, generator=g)
+        k32, v32 = k.float(), v.float()
+        k16, v16 = k.half(), v.half()
+        scale = d ** -0.5
+        contenders = {
+            "fp32 K,V + SDPA": lambda: F.scaled_dot_product_attention(q, k32, v32, scale=scale, enable_gqa=True),
+            "fp16 K,V + SDPA": lambda: F.scaled_dot_product_attention(q.half(), k16, v16, scale=scale,
+                                                                      enable_gqa=True).float(),
+            "lowbit codes (score_codes)": lambda: attend_codes(layer, q, scale),
+            "lowbit dequantize + SDPA": lambda: F.scaled_dot_product_attention(q, *layer._read(), scale=scale,
+                                                                               enable_gqa=True),
+        }
+        try:
+            from optimum.quanto import MaxOptimizer, qint4, quantize_weight
+
+            opt = MaxOptimizer()
+
+            def qz(t):
+                s, z = opt(t, qint4, 0, 64)
+                return quantize_weight(t, qint4, 0, s, z, 64)
+
+            qk, qv = qz(k32.contiguous()), qz(v32.contiguous())
+            contenders["quanto 4-bit dequantize + SDPA"] = lambda: F.scaled_dot_product_attention(
+                q, qk.dequantize(), qv.dequantize(), scale=scale, enable_gqa=True)
+        except ImportError:
+            pass
+        times = {name: [] for name in contenders}
+        for _ in range(reps):
+            for name, fn in contenders.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        fp = min(statistics.median(times[c]) for c in ("fp32 K,V + SDPA", "fp16 K,V + SDPA"))
+        fp32_bytes = 2 * k.numel() * 4
+        st = layer.storage()
+        for name, ts in times.items():
+            mem = {"fp32 K,V + SDPA": fp32_bytes, "fp16 K,V + SDPA": fp32_bytes // 2,
+                   "lowbit codes (score_codes)": st["bytes"], "lowbit dequantize + SDPA": st["bytes"],
+                   "quanto 4-bit dequantize + SDPA": fp32_bytes * (4 + 32 / 64) / 32}[name]
+            rows.append({"context": n, "contender": name, "ms": 1000 * statistics.median(ts),
+                         "speed_vs_fastest_fp": fp / statistics.median(ts), "memory_bytes": mem,
+                         "memory_vs_fp16": mem / (fp32_bytes // 2), "memory_vs_fp32": mem / fp32_bytes})
+    return rows
