@@ -87,6 +87,8 @@ def stepwise_eval(model, windows: torch.Tensor, factories: dict, progress=None) 
 
 def _stored_bits(cache) -> float:
     """Bits/coordinate now: quantized tokens at nbits + fp16 scale/zero per group, residual tokens at 16."""
+    if hasattr(cache, "memory_report"):  # lowbit's cache counts its own bytes
+        return cache.memory_report()["kv_bits_per_coordinate"]
     num = den = 0.0
     for layer in cache.layers:
         n = layer.cumulative_length
