@@ -65,3 +65,13 @@ def test_kivi_key_mode_needs_whole_groups():
 def test_bad_input_named(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_kivi_constant_group_is_finite_and_exact():
+    # a channel constant over a 32-token key group (Gemma 3 has some) has range 0: no 0/0 in the codes
+    x = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(0))
+    x[..., 3] = 0.5
+    for mode in ("key", "value"):
+        y = KIVI(64, 2, mode=mode)(x if mode == "key" else x.transpose(-1, -2).contiguous())
+        assert torch.isfinite(y).all()
+    assert (KIVI(64, 2, mode="key")(x)[..., 3] - 0.5).abs().max() == 0

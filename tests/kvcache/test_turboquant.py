@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowbit.errors import LowbitError
 from lowbit.kv import QJL, TurboQuantMSE, TurboQuantProd
 
 GAUSS_LLOYD_MAX = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}
@@ -105,3 +106,27 @@ def test_zero_vector_is_exact():
 def test_bad_input_named(factory, match):
     with pytest.raises((ValueError, TypeError), match=match):
         factory()
+
+
+@given(v=st.floats(0.0, 65504.0))
+def test_8bit_norm_relative_error(v):
+    from lowbit.kvcache.base import decode_norm, encode_norm
+
+    t = torch.tensor([v])
+    back = decode_norm(encode_norm(t, 8))
+    assert encode_norm(t, 8).dtype == torch.uint8 and torch.isfinite(back).all()
+    tol = 1 / 16 * v + 1e-7  # 3 mantissa bits, rounded (fp16 subnormals: absolute 2^-24 steps)
+    assert abs(back.item() - v) <= tol + 2 ** -17
+
+
+def test_8bit_norms_cost_8_bits_and_little_error():
+    d = 64
+    x = unit(4000, d, 8) * torch.rand(4000, 1) * 30
+    for bits, n_norms in ((3, 1), (2.5, 2)):
+        q16, q8 = TurboQuantMSE(d, bits, seed=1), TurboQuantMSE(d, bits, seed=1, norm_bits=8)
+        assert q8.quantize(x).bits_per_coordinate == pytest.approx(bits + 8 * n_norms / d)
+        e16 = ((q16(x) - x) ** 2).sum() / (x ** 2).sum()
+        e8 = ((q8(x) - x) ** 2).sum() / (x ** 2).sum()
+        assert e16 < e8 < 1.1 * e16  # +1.8% rms norm error: < 10% more distortion at 3 bits
+    with pytest.raises(LowbitError, match="norm_bits"):
+        TurboQuantMSE(d, 3, norm_bits=4)

@@ -10,9 +10,33 @@ import torch
 from ..errors import LowbitError
 from .packed import Packed
 
-__all__ = ["VectorQuantizer", "ChannelSplit", "check_dim", "check_bits", "FP16_MAX"]
+__all__ = ["VectorQuantizer", "ChannelSplit", "check_dim", "check_bits", "FP16_MAX", "encode_norm", "decode_norm",
+           "NORM_BITS"]
 
 FP16_MAX = 65504.0
+
+#: widths a per-vector norm may be stored in: fp16, or fp16 rounded to 3 mantissa bits (sign dropped: 8 bits)
+NORM_BITS = (16, 8)
+
+
+def encode_norm(norm: torch.Tensor, bits: int = 16) -> torch.Tensor:
+    """Non-negative norms as fp16 (``bits=16``) or as uint8 holding fp16's exponent and 3 rounded mantissa bits.
+
+    The 8-bit form is fp16 with the mantissa rounded to 3 bits (relative error <= 1/16, about 1.8% rms) and
+    the always-zero sign bit dropped; it costs 8 bits per vector instead of 16.
+    """
+    h = norm.float().clamp(0, FP16_MAX).half()
+    if bits == 16:
+        return h
+    u = h.view(torch.int16).to(torch.int32)
+    return ((u + (1 << 6)) >> 7).clamp(max=247).to(torch.uint8)  # a carry into the exponent is exact; 248 = inf
+
+
+def decode_norm(stored: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`encode_norm` (fp32 out); the width is read from the dtype."""
+    if stored.dtype == torch.uint8:
+        return (stored.to(torch.int32) << 7).to(torch.int16).view(torch.float16).float()
+    return stored.float()
 
 
 def check_dim(dim, name: str, minimum: int = 2, multiple: int = 1) -> int:

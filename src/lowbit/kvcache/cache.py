@@ -9,7 +9,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from ..errors import LowbitError
 from .cache_layer import QuantizedKVLayer, QuantizedSlidingKVLayer
-from .key_frame import rope_inv_freq
+from .key_frame import RopeTable, rope_inv_freq
 from .methods import METHODS, make_kv_quantizers
 
 __all__ = ["QuantizedKVCache", "SUPPORTED_LAYER_TYPES"]
@@ -48,6 +48,11 @@ class QuantizedKVCache(Cache):
             leaving up to 31 more tokens in full precision).
         key_basis: one ``[kv_heads, d, d]`` orthogonal basis per layer (``calibrate_key_bases``), applied to
             the keys after centring; model-level calibration data, not counted in the cache's bits.
+        norm_bits: turboquant only: store each vector's norm in fp16 (16) or in 8 bits (fp16 rounded to a
+            3-bit mantissa; 0.125 bits/coordinate less per norm at head_dim 64, about 1.8% rms norm error).
+        score_codes: decode steps score the query against the stored codes (:mod:`.code_scoring`) instead of
+            reading back a dequantized cache; keys are then kept in the post-RoPE frame (same centring and
+            pair-tied scaling, no key basis).  turboquant only; the model must use ``enable_code_scoring(model)``.
         decode_buffer: keep a dequantized working copy of the quantized part, filled as tokens arrive, so a
             decode step dequantizes one token instead of the whole cache.  Faster, but the copy takes model-
             dtype memory: ``memory_report`` counts the packed storage only.
@@ -78,6 +83,8 @@ class QuantizedKVCache(Cache):
         decode_buffer: bool = False,
         key_basis=None,
         plain: bool = False,
+        norm_bits: int = 16,
+        score_codes: bool = False,
     ):
         if method not in METHODS:
             raise LowbitError(f"QuantizedKVCache: unknown method={method!r}; choose one of {sorted(METHODS)}")
@@ -102,7 +109,13 @@ class QuantizedKVCache(Cache):
             raise LowbitError(f"QuantizedKVCache: key_scale_power must be a number in [0, 0.5], "
                               f"got key_scale_power={key_scale_power!r}")
         # fail now, not at the first forward, on bits the method cannot serve
-        make_kv_quantizers(method, 64, 64, bits, seed, group_size)
+        make_kv_quantizers(method, 64, 64, bits, seed, group_size, norm_bits)
+        self.norm_bits = norm_bits
+        if score_codes and (method != "turboquant" or key_basis is not None or decode_buffer):
+            raise LowbitError("QuantizedKVCache: score_codes=True scores TurboQuant codes directly: it needs "
+                              "method='turboquant', no key_basis and no decode_buffer")
+        self.score_codes = score_codes
+        self._rope_tables: dict = {}  # layer type -> cos / sin per position, shared by the layers
         self.method, self.bits, self.window, self.seed, self.group_size = method, float(bits), window, seed, group_size
         self.keep_first, self.keep_last, self.calibrate_outliers = keep_first, keep_last, calibrate_outliers
         self.center, self.sink, self.derotate, self.key_scale_power = center, sink, derotate, float(key_scale_power)
@@ -155,17 +168,21 @@ class QuantizedKVCache(Cache):
                 return DynamicSlidingWindowLayer(**kwargs)
             return DynamicLayer()
         make = functools.partial(self._quantizers_for, idx)
-        inv_freq = rope_inv_freq(self.config, layer_type) if self.derotate else None
+        inv_freq = rope_inv_freq(self.config, layer_type) if self.derotate or self.score_codes else None
         basis = None if self.key_basis is None else self.key_basis[idx]
+        table = None
+        if inv_freq is not None:
+            table = self._rope_tables.setdefault(layer_type, RopeTable(inv_freq))
         extra = dict(inv_freq=inv_freq, key_scale_power=self.key_scale_power, decode_buffer=self.decode_buffer,
-                     key_basis=basis)
+                     key_basis=basis, score_codes=self.score_codes, rope_table=table)
         if layer_type == "sliding_attention":
             return QuantizedSlidingKVLayer(make, kwargs["sliding_window"], self.window, self.calibrate_outliers,
                                            self.center, **extra)
         return QuantizedKVLayer(make, self.window, self.calibrate_outliers, self.center, self.sink, **extra)
 
     def _quantizers_for(self, idx: int, key_dim: int, value_dim: int):
-        return make_kv_quantizers(self.method, key_dim, value_dim, self.bits, self.seed + 1000 * idx, self.group_size)
+        return make_kv_quantizers(self.method, key_dim, value_dim, self.bits, self.seed + 1000 * idx, self.group_size,
+                                  self.norm_bits)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:  # no config: layers appear as the model calls them

@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import LowbitError
-from .key_frame import KeyFrame, fit_key_frame
+from .key_frame import KeyFrame, RopeTable, fit_key_frame
 from .packed import Packed
 from .token_buffer import TokenBuffer
 
@@ -34,7 +34,8 @@ class QuantizedKVLayer(DynamicLayer):
 
     def __init__(self, make_quantizers, window: int = 0, calibrate_outliers: bool = True, center: bool = True,
                  sink: int = 0, inv_freq: torch.Tensor | None = None, key_scale_power: float = 0.0,
-                 decode_buffer: bool = False, key_basis: torch.Tensor | None = None):
+                 decode_buffer: bool = False, key_basis: torch.Tensor | None = None, score_codes: bool = False,
+                 rope_table: RopeTable | None = None):
         super().__init__()
         if not isinstance(window, int) or window < 0:
             raise LowbitError(f"window must be a non-negative integer, got window={window!r}")
@@ -48,6 +49,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.center = center
         self.inv_freq, self.key_scale_power = inv_freq, float(key_scale_power)
         self.decode_buffer, self.key_basis = decode_buffer, key_basis
+        self.score_codes, self.rope_table = score_codes, rope_table
         self._frame: KeyFrame | None = None  # keys: RoPE undone, mean removed, channels rescaled
         self._mv = None  # values: per-head channel mean (fp16), subtracted before quantizing
         self._next_pos = 0  # cache index of the first full-precision tail token
@@ -94,6 +96,11 @@ class QuantizedKVLayer(DynamicLayer):
         self._flush()
         if self._bk is not None:
             return self._bk.view(), self._bv.view()
+        if self.score_codes and key_states.shape[-2] == 1 and self._pk is not None:
+            # a decode step: attention scores the stored codes (code_scoring.code_attention reads this layer)
+            mk, mv = key_states.new_empty(0), value_states.new_empty(0)
+            mk._lowbit_layer = self
+            return mk, mv
         return self._read()
 
     def _packed_positions(self) -> torch.Tensor:
@@ -120,7 +127,8 @@ class QuantizedKVLayer(DynamicLayer):
             power = self.key_scale_power if n >= MIN_SCALE_TOKENS else 0.0
             self._frame = fit_key_frame(self.keys, torch.arange(self._next_pos, self._next_pos + n,
                                                                 device=self.keys.device),
-                                        self.inv_freq, self.center, power, self.key_basis)
+                                        self.inv_freq, self.center, power, self.key_basis,
+                                        post_rope=self.score_codes, table=self.rope_table)
             if self.center:
                 self._mv = self.values.float().mean(-2, keepdim=True).half()
         k, v = self.keys[..., :n_move, :], self.values[..., :n_move, :]
@@ -130,7 +138,8 @@ class QuantizedKVLayer(DynamicLayer):
         if self._pk is None and self.calibrate_outliers:
             # fractional bits: the first tokens decide which channels get the extra bit
             if hasattr(self.key_quantizer, "with_outliers_from"):
-                self.key_quantizer = self.key_quantizer.with_outliers_from(k)
+                self.key_quantizer = self.key_quantizer.with_outliers_from(
+                    _pair_energy(k, self.inv_freq) if self._frame.post_rope else k)
             if hasattr(self.value_quantizer, "with_outliers_from"):
                 self.value_quantizer = self.value_quantizer.with_outliers_from(v)
         pk, pv = self.key_quantizer.quantize(k), self.value_quantizer.quantize(v)
@@ -231,6 +240,19 @@ class QuantizedKVLayer(DynamicLayer):
         self.cumulative_length -= -tokens_to_remove
 
 
+def _pair_energy(k: torch.Tensor, inv_freq: torch.Tensor | None) -> torch.Tensor:
+    """Keys with each RoPE pair's channels given their pair's rms and a rank tie-break, so that the outlier
+    channels of a fractional-bit split come in whole pairs (a pair's energy does not rotate with RoPE)."""
+    if inv_freq is None:
+        return k
+    half = inv_freq.numel()
+    e = k.float().reshape(-1, k.shape[-1]).pow(2).mean(0)
+    pair = (e[:half] + e[half:2 * half]) / 2
+    pair = pair * (1 + 1e-6 * torch.argsort(torch.argsort(pair)).float() / half)  # distinct across pairs
+    e = torch.cat([pair, pair, e[2 * half:]])
+    return e.sqrt()[None, :]
+
+
 class QuantizedSlidingKVLayer(QuantizedKVLayer):
     """Sliding-window attention layer (Gemma 3 local layers): also forgets tokens out of the window."""
 
@@ -238,17 +260,19 @@ class QuantizedSlidingKVLayer(QuantizedKVLayer):
 
     def __init__(self, make_quantizers, sliding_window: int, window: int = 0, calibrate_outliers: bool = True,
                  center: bool = True, inv_freq: torch.Tensor | None = None, key_scale_power: float = 0.0,
-                 decode_buffer: bool = False, key_basis: torch.Tensor | None = None):
+                 decode_buffer: bool = False, key_basis: torch.Tensor | None = None, score_codes: bool = False,
+                 rope_table: RopeTable | None = None):
         super().__init__(make_quantizers, window, calibrate_outliers, center, 0, inv_freq, key_scale_power,
-                         decode_buffer, key_basis)
+                         decode_buffer, key_basis, score_codes, rope_table)
         self.sliding_window = sliding_window
         self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states)
         visible = self.sliding_window - 1 + key_states.shape[-2]
+        self._visible = visible
         # forget whole packed blocks that no future query can see
-        keep = self.sliding_window - 1
+        keep = self.sliding_window - (0 if self.score_codes else 1)  # scoring codes reads the state after this
         excess = self.quantized_length + self.keys.shape[-2] - keep
         excess = min(excess, self.quantized_length)
         excess -= excess % self.block
@@ -257,6 +281,8 @@ class QuantizedSlidingKVLayer(QuantizedKVLayer):
             if self._bk is not None:
                 self._bk.drop_front(excess)
                 self._bv.drop_front(excess)
+        if keys.numel() == 0 and getattr(keys, "_lowbit_layer", None) is not None:
+            return keys, values  # scored against the codes: code_attention keeps the last `visible` tokens
         return keys[..., -visible:, :], values[..., -visible:, :]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

@@ -78,7 +78,7 @@ class KIVI(VectorQuantizer):
         lo = g.amin(-1, keepdim=True).half()
         hi = g.amax(-1, keepdim=True).half()
         qmax = (1 << self.int_bits) - 1
-        scale = ((hi.float() - lo.float()) / qmax).clamp_min(1e-8).half()
+        scale = ((hi.float() - lo.float()) / qmax).clamp_min(1e-6).half()  # 1e-8 was 0 in fp16: 0/0 on constant groups
         codes = torch.round((g - lo.float()) / scale.float()).clamp_(0, qmax)
         codes = self._ungrouped(codes, x.shape)
         return Packed(

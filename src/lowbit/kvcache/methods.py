@@ -22,13 +22,16 @@ METHODS = {
 
 
 def make_kv_quantizers(
-    method: str, key_dim: int, value_dim: int, bits: float, seed: int = 0, group_size: int = 32
+    method: str, key_dim: int, value_dim: int, bits: float, seed: int = 0, group_size: int = 32, norm_bits: int = 16
 ) -> tuple[VectorQuantizer, VectorQuantizer]:
-    """Build the key and value quantizers of one cache layer."""
+    """Build the key and value quantizers of one cache layer (``norm_bits``: TurboQuant's stored norms, 16 or 8)."""
     if method not in METHODS:
         raise LowbitError(f"unknown KV method {method!r}; choose one of {sorted(METHODS)}")
+    if norm_bits != 16 and method != "turboquant":
+        raise LowbitError(f"norm_bits={norm_bits!r} is a turboquant option; method={method!r} stores fp16 norms")
     if method == "turboquant":
-        return TurboQuantMSE(key_dim, bits, seed), TurboQuantMSE(value_dim, bits, seed + 1)
+        return (TurboQuantMSE(key_dim, bits, seed, norm_bits=norm_bits),
+                TurboQuantMSE(value_dim, bits, seed + 1, norm_bits=norm_bits))
     if method == "turboquant-prod":
         return TurboQuantProd(key_dim, bits, seed), TurboQuantMSE(value_dim, bits, seed + 1)
     if method == "polarquant":

