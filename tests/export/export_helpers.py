@@ -1,6 +1,8 @@
-"""Helpers for the format tests: quantized tiny models, logits comparisons."""
+"""Helpers for the format tests: quantized tiny models, logits comparisons, a small CNN, the TFLite
+interpreter."""
 
 import torch
+from torch import nn
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return", "1, 2, 3, 4,"]
 
@@ -41,3 +43,23 @@ def assert_same_records(a, b):
     assert set(a.layers) == set(b.layers)
     for name in a.layers:
         assert torch.equal(a.layers[name].dequantize(), b.layers[name].dequantize()), name
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(),
+                         nn.Linear(64, 10)).eval()
+
+
+def run_tflite(path, x):
+    """(output as numpy, the interpreter) of ai-edge-litert on the .tflite file at `path`."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    inp = it.get_input_details()[0]
+    it.resize_tensor_input(inp["index"], list(x.shape))
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x.numpy())
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"]), it

@@ -16,15 +16,14 @@ from lowbit.export.onnx_weights import export_weight_only, float_copy
 from lowbit.recipe import Recipe
 from lowbit.spec import QuantSpec
 
+from export_helpers import small_cnn
+
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 
 def cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
-                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(),
-                         nn.Linear(64, 10)).eval()
+    return small_cnn()
 
 
 def _run(path, x):

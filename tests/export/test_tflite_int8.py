@@ -17,6 +17,8 @@ from lowbit.errors import LowbitError
 from lowbit.export.tflite import export
 from lowbit.spec import W8, ActSpec, LayerScheme
 
+from export_helpers import run_tflite
+
 litert = pytest.importorskip("ai_edge_litert.interpreter")
 
 STATIC = ActSpec(granularity="tensor", dynamic=False)
@@ -25,13 +27,7 @@ ASYM = ActSpec(granularity="tensor", dynamic=False, symmetric=False, observer="p
 
 
 def _run(path, x):
-    it = litert.Interpreter(model_path=str(path))
-    inp = it.get_input_details()[0]
-    it.resize_tensor_input(inp["index"], list(x.shape))
-    it.allocate_tensors()
-    it.set_tensor(inp["index"], x.numpy())
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"]), it
+    return run_tflite(path, x)
 
 
 def _ops(it):

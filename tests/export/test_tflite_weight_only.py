@@ -12,24 +12,18 @@ from lowbit.errors import LowbitError
 from lowbit.export.onnx_weights import float_copy
 from lowbit.export.tflite_weights import export_weight_only, int8_codes
 
+from export_helpers import run_tflite, small_cnn
+
 litert = pytest.importorskip("ai_edge_litert.interpreter")
 
 
 def cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
-                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(),
-                         nn.Linear(64, 10)).eval()
+    return small_cnn()
 
 
 def _run(path, x):
-    it = litert.Interpreter(model_path=str(path))
-    inp = it.get_input_details()[0]
-    it.resize_tensor_input(inp["index"], list(x.shape))
-    it.allocate_tensors()
-    it.set_tensor(inp["index"], x.numpy())
-    it.invoke()
-    return torch.from_numpy(it.get_tensor(it.get_output_details()[0]["index"]).copy()), it
+    y, it = run_tflite(path, x)
+    return torch.from_numpy(y.copy()), it
 
 
 @pytest.mark.parametrize("kw", [dict(bits=4, symmetric=True), dict(bits=3, symmetric=False),

@@ -299,19 +299,24 @@ class _Lowering:
             if len(src.shape) != 4:
                 raise LowbitError(f"{n.target}: a Conv2d input of shape {src.shape}")
             wt, bt = int8_filter(self.f, n.target, lin, in_qp, (layer.in_channels, *layer.kernel_size))
-            x = self.need(src, in_qp, "nhwc")
-            padding, x = self.pad(n, x, src.shape, in_qp, layer.kernel_size, layer.stride, layer.padding,
-                                  layer.dilation)
-            out = self._act(out_name, tuple(shape[i] for i in NHWC), out_qp)
-            (sh, sw), (dh, dw) = layer.stride, layer.dilation
-            opts = options("Conv2DOptions", Padding=padding, StrideW=sw, StrideH=sh, DilationWFactor=dw,
-                           DilationHFactor=dh, FusedActivationFunction=act)
-            self.f.op(CONV_2D, [x, wt, bt], [out], OPT_CONV, opts, VERSIONS[CONV_2D])
-            return _Value(shape, "nhwc", {(out_qp, "nhwc"): out}, self.rec.ranges[last.name])
+            return self.conv2d(n, layer, src, wt, bt, in_qp, out_qp, out_name, act, last, VERSIONS[CONV_2D])
         out = self._act(out_name, shape, out_qp)
         fully_connected(self.f, n.target, lin, self.need(src, in_qp, "nchw"), in_qp, out, act, len(shape) > 2,
                         cols=src.columns)
         return _Value(shape, "nchw", {(out_qp, "nchw"): out}, self.rec.ranges[last.name])
+
+    def conv2d(self, n: fx.Node, layer, src: _Value, wt: int, bt: int, in_qp: Qp | None, out_qp: Qp | None,
+               out_name: str, act: int, last: fx.Node, version: int) -> _Value:
+        """CONV_2D of `src` (NHWC, padded as torch pads) with filter `wt` and bias `bt`."""
+        shape = self.rec.shapes[n.name]
+        x = self.need(src, in_qp, "nhwc")
+        padding, x = self.pad(n, x, src.shape, in_qp, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        out = self._act(out_name, tuple(shape[i] for i in NHWC), out_qp)
+        (sh, sw), (dh, dw) = layer.stride, layer.dilation
+        opts = options("Conv2DOptions", Padding=padding, StrideW=sw, StrideH=sh, DilationWFactor=dw,
+                       DilationHFactor=dh, FusedActivationFunction=act)
+        self.f.op(CONV_2D, [x, wt, bt], [out], OPT_CONV, opts, version)
+        return _Value(shape, "nhwc", {(out_qp, "nhwc"): out}, self.rec.ranges[last.name])
 
     def pad(self, n, x: int, shape, qp: Qp, kernel, stride, padding, dilation) -> tuple[int, int]:
         """torch's symmetric zero padding as TFLite SAME when that is the same windows, else PAD + VALID."""

@@ -25,8 +25,7 @@ from torch import fx, nn
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
 from lowbit.export.onnx_weights import check_exportable, float_copy
-from lowbit.export.tflite import (ACT_NONE, ACT_RELU, CONV_2D, DEQUANTIZE, FULLY_CONNECTED, NHWC, OPT_CONV, OPT_FC,
-                                  _Lowering, _Record, _Value)
+from lowbit.export.tflite import ACT_NONE, ACT_RELU, DEQUANTIZE, FULLY_CONNECTED, OPT_FC, _Lowering, _Record, _Value
 from lowbit.export.tflite_file import options
 from lowbit.io.atomic import atomic_write_bytes
 
@@ -95,15 +94,7 @@ class _WeightOnly(_Lowering):
             if len(src.shape) != 4 or layer.groups != 1:
                 raise LowbitError(f"{n.target}: only groups=1 Conv2d on 4-D inputs is lowered to TFLite")
             wt = self.filter(n.target, (layer.in_channels, *layer.kernel_size))
-            x = self.need(src, None, "nhwc")
-            padding, x = self.pad(n, x, src.shape, None, layer.kernel_size, layer.stride, layer.padding,
-                                  layer.dilation)
-            out = self._act(out_name, tuple(shape[i] for i in NHWC), None)
-            (sh, sw), (dh, dw) = layer.stride, layer.dilation
-            opts = options("Conv2DOptions", Padding=padding, StrideW=sw, StrideH=sh, DilationWFactor=dw,
-                           DilationHFactor=dh, FusedActivationFunction=act)
-            self.f.op(CONV_2D, [x, wt, self.bias(n.target, layer)], [out], OPT_CONV, opts, 1)
-            return _Value(shape, "nhwc", {(None, "nhwc"): out}, self.rec.ranges[last.name])
+            return self.conv2d(n, layer, src, wt, self.bias(n.target, layer), None, None, out_name, act, last, 1)
         wt = self.filter(n.target, cols=src.columns)
         out = self._act(out_name, shape, None)
         keep = len(shape) > 2
