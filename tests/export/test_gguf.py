@@ -52,7 +52,7 @@ def test_blocks_quantized_by_the_gguf_package_read_back_exactly(name):
     assert np.array_equal(encode(qw, LAYOUTS[name]), data)  # and written back byte for byte
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_gptq_on_the_k_grid_is_written_unchanged(name):
     from lowbit.algorithms import gptq
 
