@@ -6,11 +6,14 @@ atomically after every block so an interrupted measurement resumes.
      "options": {"w3g64a": {spec}, ...},
      "layers": {"model.layers.0.self_attn.q_proj": {"block": 0, "params": 331776,
                 "bits": {"w3g64a": 1161216, ...}, "error": {"w3g64a": 0.0031, ...},
-                "probe_error": 0.0012, "kl": 0.00021, "sensitivity": 0.17}, ...}}
+                "probe_error": 0.0012, "kl": 0.00021, "sensitivity": 0.17,
+                "probe_error_group": 0.0009, "kl_group": 0.00012, "sensitivity_group": 0.13}, ...}}
 
 `bits` are whole-layer storage bits as lowbit's checkpoint holds them (packed codes, scales,
 zeros, g_idx); `error` the relative output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the calibration
-inputs; `sensitivity` the measured increase of the model's output KL per unit of that error.
+inputs; `sensitivity` the measured increase of the model's output KL per unit of that error
+(per-channel probe), `sensitivity_group` the same with a grouped probe (None where its group does
+not divide the layer's inputs), used for the grouped options.
 """
 
 from __future__ import annotations
@@ -51,9 +54,13 @@ class Measurement:
         return sum(int(v["params"]) for v in self.layers.values())
 
     def cost(self, name: str, option: str) -> float:
-        """What the allocator minimises: the layer's predicted increase of the output KL."""
+        """What the allocator minimises: the layer's predicted increase of the output KL, its error
+        times its sensitivity (the grouped probe's for a grouped option, when measured)."""
         layer = self.layers[name]
-        return float(layer["sensitivity"]) * float(layer["error"][option])
+        sens = layer["sensitivity"]
+        if self.options[option].granularity == "group" and layer.get("sensitivity_group") is not None:
+            sens = layer["sensitivity_group"]
+        return float(sens) * float(layer["error"][option])
 
     def to_json(self) -> dict:
         return {"version": VERSION, "key": self.key, "n_blocks": self.n_blocks, "blocks_done": self.blocks_done,
@@ -101,6 +108,9 @@ def measurement_key(model, calib_ids: torch.Tensor, sens_ids: torch.Tensor, opti
     h.update(b"|")
     h.update(sens_ids.numpy().tobytes())
     h.update(json.dumps({o.name: o.spec.to_dict() for o in options}, sort_keys=True).encode())
+    fixed = {o.name: o.bits_per_weight for o in options if getattr(o, "bits_per_weight", None) is not None}
+    if fixed:  # options with a fixed storage (GGUF types); absent otherwise, so older keys stay valid
+        h.update(json.dumps(fixed, sort_keys=True).encode())
     return h.hexdigest()
 
 
