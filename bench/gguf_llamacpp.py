@@ -24,7 +24,7 @@ decoder Linear under the GGUF types llama.cpp can store for its shape (GPTQ onto
 the type's exact bits per weight; K-types only where the row is a multiple of 256, so SmolLM2's
 576-wide rows take Q4_0/Q5_0/Q8_0), allocates one type per Linear with at most the mix's decoder
 Linear bits, quantizes that plan with GPTQ and writes it as GGUF (token embedding at the mix's
-type). Also lowbit GPTQ with exactly the mix's per-tensor types. llama.cpp computes every file's
+type). With --same-types also lowbit GPTQ with exactly the mix's per-tensor types. llama.cpp computes every file's
 perplexity from its own logits on the same held-out windows as bench/mixed.py (python-docs,
 16 x 512). Q4_1/Q5_1 are left out of lowbit's types: the bundled SmolLM2 is a dequantized Q4_1
 model, on which those asym-min g32 grids are lossless. Results: bench/results/gguf_mixed.json.
@@ -307,10 +307,11 @@ def mixed(args) -> None:
                       "quantize_s": time.perf_counter() - t0, "embed_type": embed,
                       "llama_types": dict(sorted(Counter(t for t, _, _ in theirs.values()).items())),
                       "plan_types": dict(sorted(Counter(plan.choices.values()).items()))}
-        same = work / f"lowbit-gptq-{mix}-types.gguf"
-        if not (args.reuse and same.exists()):
-            lowbit_gptq(same, "Q4_0", args.mixed_samples, {back[g]: t for g, (t, _, _) in theirs.items()})
-        files[f"lowbit GPTQ, {mix}'s types"] = (same, True)
+        if args.same_types:  # control: lowbit GPTQ with exactly the mix's per-tensor types
+            same = work / f"lowbit-gptq-{mix}-types.gguf"
+            if not (args.reuse and same.exists()):
+                lowbit_gptq(same, "Q4_0", args.mixed_samples, {back[g]: t for g, (t, _, _) in theirs.items()})
+            files[f"lowbit GPTQ, {mix}'s types"] = (same, True)
         print(f"{mix}: llama.cpp decoder Linears {bits / params:.4f} bpw; lowbit plan {plan.bpw:.4f} bpw "
               f"({plans[mix]['plan_types']})", flush=True)
     results = {}
@@ -349,6 +350,7 @@ def main():
     ap.add_argument("--speed-rounds", type=int, default=3)
     ap.add_argument("--mixed", default="", help="K-quant mixes (e.g. Q3_K_M,Q4_K_M): lowbit's mixed plan at their bpw")
     ap.add_argument("--mixed-samples", type=int, default=32, help="calibration windows of the mixed measurement/plan")
+    ap.add_argument("--same-types", action="store_true", help="--mixed: also lowbit GPTQ with each mix's own types")
     args = ap.parse_args()
     if args.mixed:
         return mixed(args)

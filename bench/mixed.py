@@ -165,6 +165,9 @@ def main() -> None:
         plan = allocate(layers, t)
         mkey = f"mixed|{key}"
         digest = hashlib.sha256(json.dumps(plan.choices, sort_keys=True).encode()).hexdigest()[:16]
+        counts = dict(sorted(__import__("collections").Counter(plan.choices.values()).items()))
+        if mkey in res["rows"] and "plan" not in res["rows"][mkey] and res["rows"][mkey].get("choices") == counts:
+            res["rows"][mkey]["plan"] = digest  # a row from before the digest: the same option counts
         if mkey in res["rows"] and res["rows"][mkey].get("plan") != digest:  # another plan: keep the old row aside
             res.setdefault("superseded", {}).setdefault(mkey, []).append(res["rows"].pop(mkey))
         if mkey not in res["rows"]:

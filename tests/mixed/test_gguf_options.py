@@ -1,9 +1,6 @@
 """Mixed precision over GGUF types (2-block random Llama: 128-wide rows, down_proj 256-wide): each
 layer gets the types llama.cpp can store for its shape at their exact bits per weight, the plan
-is written as GGUF with those per-tensor types and read back; the grouped probe's sensitivity
-prices the grouped options and is added to a measurement made before it existed."""
-
-import json
+is written as GGUF with those per-tensor types, bit for bit."""
 
 import numpy as np
 import pytest
@@ -49,9 +46,9 @@ def test_each_layer_gets_what_llamacpp_stores_for_its_shape(gguf_measured):
         assert set(layer["bits"]) == ({"Q2_K", "Q3_K", "Q6_K"} if k else set()) | {"Q4_0", "Q5_0", "Q8_0"}, name
         for t, bits in layer["bits"].items():
             assert bits == layer["params"] * LAYOUTS[t].nbytes * 8 // LAYOUTS[t].block
-        assert layer["sensitivity_group"] > 0 and layer["sensitivity"] > 0
-        for t in layer["bits"]:  # every GGUF type is grouped: priced with the grouped probe
-            assert meas.cost(name, t) == pytest.approx(layer["sensitivity_group"] * layer["error"][t])
+        assert layer["sensitivity"] > 0
+        for t in layer["bits"]:
+            assert meas.cost(name, t) == pytest.approx(layer["sensitivity"] * layer["error"][t])
     assert any(layer["in_features"] == 256 for layer in meas.layers.values())
 
 
@@ -84,15 +81,3 @@ def test_plan_written_as_gguf_with_the_planned_types(gguf_measured, tiny_dir, tm
         t = plan.choices[hf]
         data = np.asarray(stored[names[hf] + ".weight"].data).reshape(-1)
         assert np.array_equal(data, encode(G._permuted(qm.config, hf, qw), LAYOUTS[t]).reshape(-1))
-
-def test_measurement_before_the_grouped_probe_gets_it_added(gguf_measured):
-    meas, path, (model, calib, sens) = gguf_measured
-    d = json.loads(path.read_text())
-    for layer in d["layers"].values():
-        for k in ("probe_error_group", "kl_group", "sensitivity_group"):
-            layer.pop(k, None)
-    old = path.with_name("old.json")
-    old.write_text(json.dumps(d))
-    again = measure(model, calib, sens, options=gguf_options(TYPES), path=old, progress=False)
-    assert again.layers == meas.layers  # GPTQ figures kept, the probe's figures identical
-    assert json.loads(old.read_text())["layers"] == meas.layers  # and saved

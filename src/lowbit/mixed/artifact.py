@@ -6,14 +6,11 @@ atomically after every block so an interrupted measurement resumes.
      "options": {"w3g64a": {spec}, ...},
      "layers": {"model.layers.0.self_attn.q_proj": {"block": 0, "params": 331776,
                 "bits": {"w3g64a": 1161216, ...}, "error": {"w3g64a": 0.0031, ...},
-                "probe_error": 0.0012, "kl": 0.00021, "sensitivity": 0.17,
-                "probe_error_group": 0.0009, "kl_group": 0.00012, "sensitivity_group": 0.13}, ...}}
+                "probe_error": 0.0012, "kl": 0.00021, "sensitivity": 0.17}, ...}}
 
 `bits` are whole-layer storage bits as lowbit's checkpoint holds them (packed codes, scales,
 zeros, g_idx); `error` the relative output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the calibration
-inputs; `sensitivity` the measured increase of the model's output KL per unit of that error
-(per-channel probe), `sensitivity_group` the same with a grouped probe (None where its group does
-not divide the layer's inputs), used for the grouped options.
+inputs; `sensitivity` the measured increase of the model's output KL per unit of that error.
 """
 
 from __future__ import annotations
@@ -54,13 +51,9 @@ class Measurement:
         return sum(int(v["params"]) for v in self.layers.values())
 
     def cost(self, name: str, option: str) -> float:
-        """What the allocator minimises: the layer's predicted increase of the output KL, its error
-        times its sensitivity (the grouped probe's for a grouped option, when measured)."""
+        """What the allocator minimises: the layer's predicted increase of the output KL."""
         layer = self.layers[name]
-        sens = layer["sensitivity"]
-        if self.options[option].granularity == "group" and layer.get("sensitivity_group") is not None:
-            sens = layer["sensitivity_group"]
-        return float(sens) * float(layer["error"][option])
+        return float(layer["sensitivity"]) * float(layer["error"][option])
 
     def to_json(self) -> dict:
         return {"version": VERSION, "key": self.key, "n_blocks": self.n_blocks, "blocks_done": self.blocks_done,

@@ -6,15 +6,12 @@ input, and by every option), then each sequential group runs once per option wit
 own group quantizer (GPTQ stacks q/k/v and gate/up). The next block's inputs are this block's
 outputs with the original weights: the measurement does not depend on a plan not made yet.
 For each layer the artifact records each option's exact storage bits and relative output error,
-and the layer's sensitivities (`mixed.sensitivity`; one per probe: per channel, and grouped for
-the grouped options). It is saved after every block; a rerun with the same model, data and
-options resumes or reuses it (a measurement made before the grouped probe gets it added: one
-Hessian pass per block, the GPTQ figures kept).
+and the layer's sensitivity (`mixed.sensitivity`). It is saved after every block; a rerun with
+the same model, data and options resumes or reuses it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -37,11 +34,6 @@ from lowbit.pipeline import working_copy
 log = logging.getLogger(__name__)
 
 PROBE = option_spec(4, 0, symmetric=False)  # round-to-nearest int4 asym per channel: fits every layer
-# and a grouped probe (int4 sym g32, Q4_0's grid) for the grouped options: a per-channel error and a
-# grouped one of the same size do not reach the output alike (on SmolLM2, uniform per-channel plans
-# measured ~1.25x the KL the per-channel probe predicts, relative to grouped plans)
-GROUP_PROBE = option_spec(4, 32, symmetric=True)
-PROBES = {"": PROBE, "_group": GROUP_PROBE}  # field suffix -> probe spec
 
 
 def storage_bits(name: str, qw: QuantizedWeight) -> int:
@@ -81,42 +73,6 @@ def _block_hessians(method, work, prefix: str, names: list[str], inputs: BlockIn
     return stats, outputs
 
 
-def _probe_layers(layers: dict, prefix: str, group, weights, stats, probe: OutputProbe | None, index: int,
-                  probes: dict) -> None:
-    """Per layer and probe: the probe's local error, the output KL with the layer at the probe
-    (`probe` runs the model from this block) and their ratio, the sensitivity; fields named
-    probe_error / kl / sensitivity + the probe's suffix. A probe whose group does not divide the
-    layer's inputs gives sensitivity None (the per-channel one is used)."""
-    for n, W in zip(group, weights):
-        full = f"{prefix}.{n}"
-        for suffix, spec in probes.items():
-            if spec.granularity == "group" and W.shape[1] % spec.group_size:
-                layers[full]["sensitivity" + suffix] = None
-                continue
-            q = quantize(W, spec).dequantize()
-            pe = output_error(W, q, stats[n].H)
-            layers[full]["probe_error" + suffix] = pe
-            if probe is not None:
-                kl = probe.kl_with_weight(index, full, q)
-                layers[full]["kl" + suffix] = kl
-                layers[full]["sensitivity" + suffix] = kl / pe if pe > 0 else 0.0
-
-
-def _add_probes(method, block, work, prefix: str, arch, inputs: BlockInputs, meas, probe: OutputProbe, index: int):
-    """A block measured before a probe existed: its Hessians again (one forward) and the missing
-    probes only; returns the block's outputs."""
-    layers = {n: meas.layers[n] for n in meas.layers if meas.layers[n]["block"] == index}
-    missing = {k: spec for k, spec in PROBES.items() if any("sensitivity" + k not in v for v in layers.values())}
-    if not missing:
-        return run_block(work, inputs)
-    names = [n for g in arch.sequential for n in g]
-    stats, outputs = _block_hessians(method, work, prefix, names, inputs)
-    for group in arch.sequential:
-        weights = [get_module(block, n).weight.detach().float() for n in group]
-        _probe_layers(meas.layers, prefix, list(group), weights, stats, probe, index, missing)
-    return outputs
-
-
 def _measure_block(method, block, work, prefix: str, arch, inputs: BlockInputs, options: tuple[Option, ...],
                    probe: OutputProbe | None, index: int, bar) -> tuple[dict, list[torch.Tensor]]:
     names = [n for g in arch.sequential for n in g]
@@ -138,7 +94,15 @@ def _measure_block(method, block, work, prefix: str, arch, inputs: BlockInputs, 
                     layers[f]["bits"][opt.name] = option_bits(opt, f, qw)
                     layers[f]["error"][opt.name] = float(qw.error)
             bar.update(1)
-        _probe_layers(layers, prefix, group, weights, stats, probe, index, PROBES)
+        for n, W in zip(group, weights):
+            full = f"{prefix}.{n}"
+            q = quantize(W, PROBE).dequantize()
+            layers[full]["probe_error"] = output_error(W, q, stats[n].H)
+            if probe is not None:
+                kl = probe.kl_with_weight(index, full, q)
+                layers[full]["kl"] = kl
+                pe = layers[full]["probe_error"]
+                layers[full]["sensitivity"] = kl / pe if pe > 0 else 0.0
         for n in group:
             stats[n] = None
     return layers, outputs
@@ -162,14 +126,14 @@ def measure(model, calib_ids: torch.Tensor, sens_ids: torch.Tensor, *, options=N
         if meas.key != key:
             log.warning("%s holds a measurement of other inputs; measuring again", path)
             meas = None
-        elif meas.complete and all("sensitivity" + k in v for v in meas.layers.values() for k in PROBES):
+        elif meas.complete:
             log.info("reusing the measurement %s", path)
             return meas
     if meas is None:
         meas = Measurement(key=key, n_blocks=len(blocks), options={o.name: o.spec for o in options},
                            meta={"method": m.fingerprint(), "calib": list(calib_ids.shape),
                                  "sensitivity_windows": list(sens_ids.shape), "probe": PROBE.describe(),
-                                 "group_probe": GROUP_PROBE.describe(), "source": str(getattr(model.config, "_name_or_path", ""))})
+                                 "source": str(getattr(model.config, "_name_or_path", ""))})
     started = time.perf_counter()
     inputs, kwargs = capture_first_block_inputs(model, arch, calib_ids, dtype=calib_dtype)
     probe = OutputProbe(model, arch, sens_ids)
@@ -181,12 +145,8 @@ def measure(model, calib_ids: torch.Tensor, sens_ids: torch.Tensor, *, options=N
             prefix = f"{arch.blocks}.{i}"
             inputs = BlockInputs(inputs.hidden, kwargs[i])
             work = working_copy(block, calib_dtype)
-            if i < meas.blocks_done:  # measured before: its outputs (and any probe added since)
-                before = json.dumps(meas.layers, sort_keys=True)
-                inputs = BlockInputs(_add_probes(m, block, work, prefix, arch, inputs, meas, probe, i), inputs.kwargs)
-                if json.dumps(meas.layers, sort_keys=True) != before:
-                    meas.meta["group_probe"] = GROUP_PROBE.describe()
-                    meas.save(path)
+            if i < meas.blocks_done:  # measured before: only its outputs are needed
+                inputs = BlockInputs(run_block(work, inputs), inputs.kwargs)
                 continue
             layers, outputs = _measure_block(m, block, work, prefix, arch, inputs, options, probe, i, bar)
             inputs = BlockInputs(outputs, inputs.kwargs)
