@@ -331,7 +331,7 @@ def mixed(args) -> None:
         print(f"| {k} | {r['linear_bpw']:.4f} | {r['size'] / 2**20:.2f} | {r['ppl']:.3f} | {inc[k]:+.2%} |")
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
-    out = HERE / "results" / "gguf_mixed.json"
+    out = Path(args.results) if args.results else HERE / "results" / "gguf_mixed.json"
     out.write_text(json.dumps({"windows": int(windows.shape[0]), "seq_len": args.seq_len,
                                "calibration": f"pydoc {args.mixed_samples}x512", "imatrix_samples": args.samples,
                                "lowbit_types": list(MIX_TYPES), "measurement": {"key": meas.key, "seconds_this_run":
@@ -350,6 +350,7 @@ def main():
     ap.add_argument("--speed-rounds", type=int, default=3)
     ap.add_argument("--mixed", default="", help="K-quant mixes (e.g. Q3_K_M,Q4_K_M): lowbit's mixed plan at their bpw")
     ap.add_argument("--mixed-samples", type=int, default=32, help="calibration windows of the mixed measurement/plan")
+    ap.add_argument("--results", default="", help="--mixed: results file (default bench/results/gguf_mixed.json)")
     ap.add_argument("--same-types", action="store_true", help="--mixed: also lowbit GPTQ with each mix's own types")
     args = ap.parse_args()
     if args.mixed:
