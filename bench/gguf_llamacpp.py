@@ -15,6 +15,19 @@ In one go (SmolLM2-135M, the bundled default):
    the same prompts: max |Δlogit| and top-1 agreement against llama.cpp (which also quantizes the
    activations to 8 bits for its quantized dot products).
 Results: bench/results/gguf.json; a table on stdout.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/gguf_llamacpp.py --mixed Q3_K_M,Q4_K_M
+
+lowbit's mixed precision against llama.cpp's K-quant mixes at their own bits per weight: llama.cpp
+quantizes the F32 file to each mix (with and without the importance matrix); lowbit measures every
+decoder Linear under the GGUF types llama.cpp can store for its shape (GPTQ onto each type's grid,
+the type's exact bits per weight; K-types only where the row is a multiple of 256, so SmolLM2's
+576-wide rows take Q4_0/Q5_0/Q8_0), allocates one type per Linear with at most the mix's decoder
+Linear bits, quantizes that plan with GPTQ and writes it as GGUF (token embedding at the mix's
+type). With --same-types also lowbit GPTQ with exactly the mix's per-tensor types. llama.cpp computes every file's
+perplexity from its own logits on the same held-out windows as bench/mixed.py (python-docs,
+16 x 512). Q4_1/Q5_1 are left out of lowbit's types: the bundled SmolLM2 is a dequantized Q4_1
+model, on which those asym-min g32 grids are lossless. Results: bench/results/gguf_mixed.json.
 """
 
 from __future__ import annotations
@@ -34,7 +47,8 @@ HERE = Path(__file__).resolve().parent
 LLAMA_PY = Path(os.environ.get("LLAMACPP_PYTHON", HERE / ".venv-llamacpp" / "bin" / "python"))
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "import os\nimport sys\n\n",
            "The Python standard library", "In mathematics, a prime number", "Once upon a time"]
-FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}  # llama_ftype
+FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q3_K_M": 12, "Q2_K": 10}  # llama_ftype
+MIX_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0")  # lowbit's options (no Q4_1/Q5_1)
 
 
 # ---- worker: runs in the llama-cpp-python venv (no torch) -------------------------------------------
@@ -176,6 +190,16 @@ def dense_model(qm):
     return model.eval()
 
 
+def linear_types(path) -> dict:
+    """{GGUF tensor name: (type, parameters, bits)} of a file's decoder Linears (blk.*, 2-D), bits from
+    the stored bytes."""
+    import gguf
+
+    return {t.name: (t.tensor_type.name, int(np.prod(t.shape)), int(t.n_bytes) * 8)
+            for t in gguf.GGUFReader(str(path)).tensors
+            if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2}
+
+
 def lowbit_gptq(out: Path, type_name: str, samples: int, overrides: dict | None):
     import lowbit.api as api
     from lowbit.export.gguf_blocks import LAYOUTS
@@ -191,6 +215,131 @@ def lowbit_gptq(out: Path, type_name: str, samples: int, overrides: dict | None)
     return time.perf_counter() - t0
 
 
+def _measure_file(work: Path, path: Path, prompts, check_lowbit: bool) -> dict:
+    import collections
+
+    import gguf
+    import torch
+
+    from lowbit.export import gguf as G
+
+    logits_out = work / f"logits-{path.stem}.npz"
+    r = call_worker({"cmd": "measure", "file": str(path), "windows": str(work / "windows.npy"),
+                     "prompts": prompts, "logits_out": str(logits_out)})
+    r["types"] = dict(sorted(collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors).items()))
+    lin = linear_types(path)
+    r["linear_bpw"] = sum(b for _, _, b in lin.values()) / sum(p for _, p, _ in lin.values())
+    if check_lowbit:  # llama.cpp's logits against lowbit's fp32 forward of the records it wrote
+        dense = dense_model(G.read(path))
+        theirs = np.load(logits_out)
+        dmax, agree, n = 0.0, 0, 0
+        with torch.no_grad():
+            for i, ids in enumerate(prompts):
+                ours = dense(torch.tensor([ids])).logits[0].numpy()
+                dmax = max(dmax, float(np.abs(ours - theirs[f"arr_{i}"]).max()))
+                agree += int((ours.argmax(-1) == theirs[f"arr_{i}"].argmax(-1)).sum())
+                n += len(ids)
+        r.update(max_abs_dlogit=dmax, top1_agree=agree / n)
+    return r
+
+
+def mixed(args) -> None:
+    """lowbit's mixed plan over GGUF types against llama.cpp's K-quant mixes at their bits per weight."""
+    from collections import Counter
+
+    import lowbit.api as api
+    from lowbit.calibration import eval_windows, load_text
+    from lowbit.export import gguf as G
+    from lowbit.export.model import QuantizedModel
+    from lowbit.mixed.allocate import allocate, measurement_layers
+    from lowbit.mixed.apply import measure_source, plan_recipe
+    from lowbit.mixed.options import gguf_options
+    from lowbit.models import load_model
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    mixes = [m for m in args.mixed.split(",") if m]
+    model, tok = load_model("default")
+    f32 = work / "smollm2-f32.gguf"
+    if not (args.reuse and f32.exists()):
+        G.write(QuantizedModel.from_model(model, tok, {}, source="SmolLM2-135M-Instruct"), f32, overwrite=True,
+                type="F32")
+    imat = work / "imatrix.npz"
+    if not (args.reuse and imat.exists()):
+        imatrix(model, tok, args.samples, 512, imat)
+    windows = eval_windows(tok, load_text("python-docs").evaluation, seq_len=args.seq_len,
+                           max_windows=args.windows).numpy()
+    np.save(work / "windows.npy", windows)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    back = {g + ".weight": hf for hf, g in G.gguf_meta.name_map(model.config).items()}
+    del model
+    t0 = time.perf_counter()
+    meas = measure_source("default", options=gguf_options(MIX_TYPES), n_samples=args.mixed_samples)
+    measure_s = time.perf_counter() - t0
+    layers = measurement_layers(meas)
+    files, plans = {"fp32": (f32, False)}, {}
+    for mix in mixes:
+        for im in (False, True):
+            dst = work / f"llamacpp-{mix}{'-imat' if im else ''}.gguf"
+            if not (args.reuse and dst.exists()):
+                rc = call_worker({"cmd": "quantize", "src": str(f32), "dst": str(dst), "ftype": mix,
+                                  "imatrix": str(imat) if im else None})["rc"]
+                assert rc == 0, (mix, rc)
+            files[f"llama.cpp {mix}{' +imatrix' if im else ''}"] = (dst, False)
+        theirs = linear_types(files[f"llama.cpp {mix}"][0])
+        bits, params = sum(b for _, _, b in theirs.values()), sum(p for _, p, _ in theirs.values())
+        assert params == meas.params, (params, meas.params)
+        embed = next(t.tensor_type.name for t in __import__("gguf").GGUFReader(str(files[f"llama.cpp {mix}"][0])).tensors
+                     if t.name == "token_embd.weight")
+        t0 = time.perf_counter()
+        plan = allocate(layers, bits / params)
+        alloc_s = time.perf_counter() - t0
+        assert plan.bits <= bits, (plan.bits, bits)
+        dst = work / f"lowbit-mixed-{mix}.gguf"
+        t0 = time.perf_counter()
+        if not (args.reuse and dst.exists()):
+            api.quantize_to("default", dst, plan_recipe(plan, meas), calib_text="pydoc", n_samples=args.mixed_samples,
+                            seq_len=512, overwrite=True, progress=False, fmt="gguf",
+                            format_options={"output_type": embed})
+        files[f"lowbit mixed @{mix} bpw"] = (dst, True)
+        plans[mix] = {"llama_linear_bits": bits, "params": params, "target_bpw": bits / params, "plan_bits": plan.bits,
+                      "plan_bpw": plan.bpw, "predicted_kl": plan.cost, "gap": plan.gap, "allocate_s": alloc_s,
+                      "quantize_s": time.perf_counter() - t0, "embed_type": embed,
+                      "llama_types": dict(sorted(Counter(t for t, _, _ in theirs.values()).items())),
+                      "plan_types": dict(sorted(Counter(plan.choices.values()).items()))}
+        if args.same_types:  # control: lowbit GPTQ with exactly the mix's per-tensor types
+            same = work / f"lowbit-gptq-{mix}-types.gguf"
+            if not (args.reuse and same.exists()):
+                lowbit_gptq(same, "Q4_0", args.mixed_samples, {back[g]: t for g, (t, _, _) in theirs.items()})
+            files[f"lowbit GPTQ, {mix}'s types"] = (same, True)
+        print(f"{mix}: llama.cpp decoder Linears {bits / params:.4f} bpw; lowbit plan {plan.bpw:.4f} bpw "
+              f"({plans[mix]['plan_types']})", flush=True)
+    results = {}
+    for key, (path, ours) in files.items():
+        r = results[key] = _measure_file(work, path, prompts, ours)
+        print(f"{key:34s} ppl {r['ppl']:.4f}  linear bpw {r['linear_bpw']:.4f}  size {r['size'] / 2**20:6.1f} MiB"
+              + (f"  max|Δlogit| {r['max_abs_dlogit']:.3f} top-1 {r['top1_agree']:.3f}" if ours else ""), flush=True)
+    base = results["fp32"]["ppl"]
+    inc = {k: v["ppl"] / base - 1 for k, v in results.items()}
+    ratios = {}
+    for mix in mixes:
+        for ref in (f"llama.cpp {mix}", f"llama.cpp {mix} +imatrix"):
+            ratios[f"lowbit mixed increase / {ref}'s"] = inc[f"lowbit mixed @{mix} bpw"] / inc[ref]
+    print("\n| file | decoder Linear bpw | MiB | perplexity (llama.cpp) | Δppl |")
+    print("|---|---:|---:|---:|---:|")
+    for k, r in results.items():
+        print(f"| {k} | {r['linear_bpw']:.4f} | {r['size'] / 2**20:.2f} | {r['ppl']:.3f} | {inc[k]:+.2%} |")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3f}")
+    out = Path(args.results) if args.results else HERE / "results" / "gguf_mixed.json"
+    out.write_text(json.dumps({"windows": int(windows.shape[0]), "seq_len": args.seq_len,
+                               "calibration": f"pydoc {args.mixed_samples}x512", "imatrix_samples": args.samples,
+                               "lowbit_types": list(MIX_TYPES), "measurement": {"key": meas.key, "seconds_this_run":
+                               measure_s, **meas.meta}, "plans": plans, "results": results, "ppl_increase": inc,
+                               "ratios": ratios}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=16)
@@ -199,7 +348,13 @@ def main():
     ap.add_argument("--work", default=str(HERE / "out" / "gguf"))
     ap.add_argument("--reuse", action="store_true", help="keep files already made in --work")
     ap.add_argument("--speed-rounds", type=int, default=3)
+    ap.add_argument("--mixed", default="", help="K-quant mixes (e.g. Q3_K_M,Q4_K_M): lowbit's mixed plan at their bpw")
+    ap.add_argument("--mixed-samples", type=int, default=32, help="calibration windows of the mixed measurement/plan")
+    ap.add_argument("--results", default="", help="--mixed: results file (default bench/results/gguf_mixed.json)")
+    ap.add_argument("--same-types", action="store_true", help="--mixed: also lowbit GPTQ with each mix's own types")
     args = ap.parse_args()
+    if args.mixed:
+        return mixed(args)
 
     import gguf
     import torch

@@ -4,6 +4,9 @@
     .venv/bin/python bench/mixed.py --targets 3.0,3.5
     .venv/bin/python bench/mixed.py --print               # the stored table (and the plot again)
 
+A mixed row is rerun when the plan at its target changed (e.g. a measurement gained the grouped
+sensitivity probe); the row it replaces is kept under "superseded" in the results.
+
 The measurement is `lowbit plan`'s (cached: GPTQ at every option of bits {2,3,4,5,6,8} x group
 {32,64,128,channel}, 32 x 512 pydoc calibration tokens, sensitivities from 2 x 128 calibration
 tokens). For each target t the mixed plan gets floor(t x parameters) bits; the uniform baselines
@@ -19,6 +22,7 @@ bench/results/mixed.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -160,9 +164,15 @@ def main() -> None:
         key = f"{t:.2f}"
         plan = allocate(layers, t)
         mkey = f"mixed|{key}"
+        digest = hashlib.sha256(json.dumps(plan.choices, sort_keys=True).encode()).hexdigest()[:16]
+        counts = dict(sorted(__import__("collections").Counter(plan.choices.values()).items()))
+        if mkey in res["rows"] and "plan" not in res["rows"][mkey] and res["rows"][mkey].get("choices") == counts:
+            res["rows"][mkey]["plan"] = digest  # a row from before the digest: the same option counts
+        if mkey in res["rows"] and res["rows"][mkey].get("plan") != digest:  # another plan: keep the old row aside
+            res.setdefault("superseded", {}).setdefault(mkey, []).append(res["rows"].pop(mkey))
         if mkey not in res["rows"]:
             r = run(plan_recipe(plan, meas), calib, ref, windows)
-            res["rows"][mkey] = {**r, "predicted_kl": plan.cost, "gap": plan.gap,
+            res["rows"][mkey] = {**r, "predicted_kl": plan.cost, "gap": plan.gap, "plan": digest,
                                  "choices": dict(sorted(__import__("collections").Counter(plan.choices.values()).items()))}
             _save(res)
             print(f"mixed {t}: bpw {r['bpw']:.4f} ppl {r['perplexity']:.3f} KL {r['kl']:.4f} "

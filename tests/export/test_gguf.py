@@ -52,7 +52,7 @@ def test_blocks_quantized_by_the_gguf_package_read_back_exactly(name):
     assert np.array_equal(encode(qw, LAYOUTS[name]), data)  # and written back byte for byte
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_gptq_on_the_k_grid_is_written_unchanged(name):
     from lowbit.algorithms import gptq
 
@@ -155,7 +155,8 @@ def test_export_from_a_checkpoint_and_inspect(tiny_dir, tmp_path):
 @pytest.mark.parametrize("spec, fits", [
     (QuantSpec(bits=4, symmetric=False, group_size=32), "Q4_0 = int4 sym g32, Q4_1 = int4 asym-min g32"),
     (QuantSpec(bits=4, symmetric=True, group_size=64), "Q4_0 = int4 sym g32"),
-    (QuantSpec(bits=3, symmetric=False, group_size=32), "Q8_0 = int8 sym g32"),
+    (QuantSpec(bits=3, symmetric=False, group_size=32), "Q3_K = int3 sym g16 sb256x6b"),
+    (QuantSpec(bits=7, symmetric=True, group_size=32), "Q8_0 = int8 sym g32"),
 ])
 def test_specs_gguf_cannot_hold_are_refused_before_writing(tiny_dir, tmp_path, spec, fits):
     qm = _tiny_qm(tiny_dir, "Q4_0")
@@ -168,8 +169,8 @@ def test_specs_gguf_cannot_hold_are_refused_before_writing(tiny_dir, tmp_path, s
 
 def test_unknown_type_and_act_order_refused(tiny_dir, tmp_path):
     qm = _tiny_qm(tiny_dir, "Q4_0")
-    with pytest.raises(LowbitError, match="type='Q3_K' is not a type lowbit writes; choose one of Q8_0, Q4_0"):
-        G.write(qm, tmp_path / "x.gguf", type="Q3_K")
+    with pytest.raises(LowbitError, match="type=.IQ4_NL. is not a type lowbit writes; choose one of Q8_0, Q4_0"):
+        G.write(qm, tmp_path / "x.gguf", type="IQ4_NL")
     name = "model.layers.0.self_attn.o_proj"
     qm.layers[name] = dataclasses.replace(qm.layers[name], g_idx=torch.arange(128) // 32)
     with pytest.raises(LowbitError, match=f"{name}: GGUF cannot hold act-order g_idx"):

@@ -1,9 +1,9 @@
 """GGUF (llama.cpp) out and in: records as GGUF blocks (`gguf_blocks`), nothing re-rounded.
 
-Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, per tensor. Each quantized Linear's type
+Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, per tensor. Each quantized Linear's type
 follows from its record's spec (`gguf_blocks.LAYOUTS`); `plan_recipe` turns a type into those
 specs before quantizing, with llama.cpp's fallback for rows that are not a multiple of a K-type's
-256-weight super-block (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). Tensors that are not records
+256-weight super-block (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). Tensors that are not records
 are quantized here with lowbit's round-to-nearest onto the type's grid, at llama.cpp's default
 types: the output matrix (or the token embedding when tied to it) Q6_K (Q8_0 when the base type
 is Q8_0), the token embedding otherwise the base type, both through the same fallback; 1-D
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 TYPES = tuple(LAYOUTS)
 FLOAT_TYPES = ("F32", "F16")  # for tensors that are not records (e.g. a float reference file)
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
-              "Q5_1": "MOSTLY_Q5_1", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
+              "Q5_1": "MOSTLY_Q5_1", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K",
+              "Q3_K": "MOSTLY_Q3_K_M", "Q2_K": "MOSTLY_Q2_K"}
 
 
 def _check_type(t: str | None, key: str = "type", floats: bool = False) -> str | None:

@@ -13,8 +13,10 @@ nothing re-rounded (u = the unsigned code stored, code = the record's code):
 | Q4_K | int4 asym-min g32, sb256 x 6b   | d, dmin f16, scales 6b x (8 sc + 8 m) [12], qs [128] (144) | d·sc·u − dmin·m |
 | Q5_K | int5 asym-min g32, sb256 x 6b   | d, dmin, scales [12], qh [32], qs [128] (176)          | d·sc·u − dmin·m   |
 | Q6_K | int6 sym g16, sb256 x 8b        | ql [128], qh [64], scales i8[16], d (210), u = code+32 | d·sc·(u − 32)     |
+| Q3_K | int3 sym g16, sb256 x 6b        | hmask [32], qs 2b [64], scales 6b [12], d (110), u = code+4 | d·(s − 32)·(u − 4) |
+| Q2_K | int2 asym-min g16, sb256 x 4b   | scales 4b sc + 4b m [16], qs 2b [64], d, dmin (84)    | d·sc·u − dmin·m   |
 
-K-type records hold scale = d·sc and zero = dmin·m as float32 products (exact); `encode` recovers
+Q3_K's stored scale byte s is the signed multiplier + 32. K-type records hold scale = d·sc and zero = dmin·m as float32 products (exact); `encode` recovers
 d, sc, dmin, m exactly or refuses. `decode` is the inverse. Pure numpy, no I/O.
 """
 
@@ -185,16 +187,12 @@ def _unpack_q4_k(b):
 
 
 def _pack_q5_k(u, s, z):
-    hi = ((u.reshape(-1, 8, 32) >> 4) & 1).astype(np.uint8)  # sub-block j's bit 4 goes to bit j of qh[l]
-    qh = np.bitwise_or.reduce(hi << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
-    return np.concatenate([_k_params(s, z), qh, _k_low(u)], axis=1)
+    return np.concatenate([_k_params(s, z), _bit_planes((u >> 4) & 1), _k_low(u)], axis=1)
 
 
 def _unpack_q5_k(b):
     s, z = _k_unparams(b)
-    qh = b[:, 16:48]
-    hi = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-    return _from_k_low(b[:, 48:]) | (hi.reshape(-1, 256) << 4), s, z
+    return _from_k_low(b[:, 48:]) | (_from_bit_planes(b[:, 16:48]) << 4), s, z
 
 
 def _pack_q6_k(u, s, z):
@@ -216,6 +214,69 @@ def _unpack_q6_k(b):
     return u, d[:, None] * sc, None
 
 
+# ---- Q3_K / Q2_K: 2 low bits of each weight; weight p of a super-block sits in qs[32·(p // 128) + p % 32]
+# at bits 2·((p // 32) % 4); Q3_K's third bit in hmask[p % 32] at bit p // 32 ---------------------------
+def _q2_low(u):
+    c = (u.reshape(-1, 2, 4, 32) & 3).astype(np.uint8)
+    return np.bitwise_or.reduce(c << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None], axis=2).reshape(-1, 64)
+
+
+def _from_q2_low(b):
+    return ((b.reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3).reshape(-1, 256)
+
+
+def _bit_planes(bit: np.ndarray) -> np.ndarray:
+    """[nb, 256] 0/1 -> [nb, 32]: bit j of byte l = weight 32·j + l (Q5_K's qh, Q3_K's hmask)."""
+    return np.bitwise_or.reduce(bit.reshape(-1, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None],
+                                axis=1)
+
+
+def _from_bit_planes(b: np.ndarray) -> np.ndarray:
+    return ((b[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(-1, 256)
+
+
+def _pack_q3_scales(s: np.ndarray) -> np.ndarray:
+    """16 six-bit values -> 12 bytes: low nibbles of 0-7 | 8-15 in bytes 0-7, bits 4-5 of value 4c+k
+    in byte 8+k at bits 2c."""
+    s = s.astype(np.uint8)
+    out = np.zeros((s.shape[0], 12), np.uint8)
+    out[:, 0:8] = (s[:, 0:8] & 0xF) | ((s[:, 8:16] & 0xF) << 4)
+    hi = (s >> 4).reshape(-1, 4, 4)  # [nb, c, k]
+    out[:, 8:12] = np.bitwise_or.reduce(hi << (2 * np.arange(4, dtype=np.uint8))[None, :, None], axis=1)
+    return out
+
+
+def _unpack_q3_scales(b: np.ndarray) -> np.ndarray:
+    lo = np.concatenate([b[:, 0:8] & 0xF, b[:, 0:8] >> 4], axis=1)
+    hi = (b[:, None, 8:12] >> (2 * np.arange(4, dtype=np.uint8))[None, :, None]) & 3  # [nb, c, k]
+    return lo | (hi.reshape(-1, 16) << 4)
+
+
+def _pack_q3_k(u, s, z):
+    d, sc = split_products(s, -32, 31, "scales")
+    return np.concatenate([_bit_planes((u >> 2) & 1), _q2_low(u), _pack_q3_scales(sc + 32), _f16_bytes(d)], axis=1)
+
+
+def _unpack_q3_k(b):
+    u = _from_q2_low(b[:, 32:96]) | (_from_bit_planes(b[:, 0:32]) << 2)
+    sc = _unpack_q3_scales(b[:, 96:108]).astype(np.float32) - 32
+    d = _f16_from(b[:, 108:110]).astype(np.float32)
+    return u, d[:, None] * sc, None
+
+
+def _pack_q2_k(u, s, z):
+    d, sc = split_products(s, 0, 15, "scales")
+    dmin, mn = split_products(z, 0, 15, "zero offsets (mins)")
+    scales = (sc | (mn << 4)).astype(np.uint8)
+    return np.concatenate([scales, _q2_low(u), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
+
+
+def _unpack_q2_k(b):
+    d, dmin = _f16_from(b[:, 80:82]).astype(np.float32), _f16_from(b[:, 82:84]).astype(np.float32)
+    sc = b[:, 0:16]
+    return _from_q2_low(b[:, 16:80]), d[:, None] * (sc & 0xF), dmin[:, None] * (sc >> 4)
+
+
 @dataclass(frozen=True)
 class Layout:
     name: str
@@ -225,6 +286,10 @@ class Layout:
     pack: Callable
     unpack: Callable
     fallback: str | None = None  # llama.cpp's substitute when a row is not a multiple of `block`
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.nbytes * 8 / self.block
 
     @property
     def offset(self) -> int:
@@ -246,6 +311,9 @@ LAYOUTS: dict[str, Layout] = {
     "Q4_K": Layout("Q4_K", QK_K, 144, _g(4, False, scale_bits=6, **_K), _pack_q4_k, _unpack_q4_k, "Q5_0"),
     "Q5_K": Layout("Q5_K", QK_K, 176, _g(5, False, scale_bits=6, **_K), _pack_q5_k, _unpack_q5_k, "Q5_1"),
     "Q6_K": Layout("Q6_K", QK_K, 210, _g(6, True, 16, scale_bits=8, **_K), _pack_q6_k, _unpack_q6_k, "Q8_0"),
+    # llama.cpp (llama-quantize, ggml 0.25 in bench/.venv-llamacpp) falls back to Q4_0 for these
+    "Q3_K": Layout("Q3_K", QK_K, 110, _g(3, True, 16, scale_bits=6, **_K), _pack_q3_k, _unpack_q3_k, "Q4_0"),
+    "Q2_K": Layout("Q2_K", QK_K, 84, _g(2, False, 16, scale_bits=4, **_K), _pack_q2_k, _unpack_q2_k, "Q4_0"),
 }
 
 
@@ -258,7 +326,7 @@ def layout_for_spec(spec: QuantSpec) -> Layout | None:
 
 def type_for_row(type_name: str, cols: int) -> str:
     """llama.cpp's choice for a row of `cols` weights: the type, or its fallback when the row is not
-    a multiple of the type's block (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, as llama-quantize)."""
+    a multiple of the type's block (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, as llama-quantize)."""
     lay = LAYOUTS[type_name]
     if cols % lay.block == 0:
         return type_name

@@ -38,13 +38,14 @@ def plan_for(meas: Measurement, target_bpw: float) -> Plan:
 
 def measure_source(source: str, *, calib_text: str | None = None, n_samples: int = 32, seq_len: int = 512,
                    bits=None, groups=None, symmetric: bool | None = None, method_options: dict | None = None, path: str | Path | None = None,
-                   progress: bool = True) -> Measurement:
-    """Load `source` in full precision and measure it (or reuse the saved measurement)."""
+                   progress: bool = True, options=None) -> Measurement:
+    """Load `source` in full precision and measure it (or reuse the saved measurement).
+    `options` (e.g. `gguf_options()`) replaces the bits x groups candidates."""
     from lowbit.mixed.measure import measure, measurement_inputs
     from lowbit.models import load_model
 
     kw = {k: v for k, v in (("bits", bits), ("groups", groups)) if v}
-    options = candidate_options(**kw, symmetric=symmetric)
+    options = tuple(options) if options else candidate_options(**kw, symmetric=symmetric)
     model, tokenizer = load_model(source)
     calib, sens = measurement_inputs(tokenizer, calib_text, n_samples, seq_len)
     return measure(model, calib, sens, options=options, method_options=method_options, path=path,

@@ -101,6 +101,9 @@ def measurement_key(model, calib_ids: torch.Tensor, sens_ids: torch.Tensor, opti
     h.update(b"|")
     h.update(sens_ids.numpy().tobytes())
     h.update(json.dumps({o.name: o.spec.to_dict() for o in options}, sort_keys=True).encode())
+    fixed = {o.name: o.bits_per_weight for o in options if getattr(o, "bits_per_weight", None) is not None}
+    if fixed:  # options with a fixed storage (GGUF types); absent otherwise, so older keys stay valid
+        h.update(json.dumps(fixed, sort_keys=True).encode())
     return h.hexdigest()
 
 

@@ -41,6 +41,14 @@ def storage_bits(name: str, qw: QuantizedWeight) -> int:
     return sum(t.numel() * t.element_size() * 8 for t in layer_tensors(name, qw).values())
 
 
+def option_bits(opt: Option, name: str, qw: QuantizedWeight) -> int:
+    """The layer's bits under `opt`: the option's fixed bits per weight (GGUF blocks) when it has
+    one, else lowbit's checkpoint storage (`storage_bits`)."""
+    if opt.bits_per_weight is not None:
+        return round(qw.codes.numel() * opt.bits_per_weight)
+    return storage_bits(name, qw)
+
+
 def _method(method: str, method_options: dict | None):
     m = get_method(method, method_options or {})
     if not m.needs_calibration or not hasattr(m, "make_stats"):
@@ -83,7 +91,7 @@ def _measure_block(method, block, work, prefix: str, arch, inputs: BlockInputs, 
                 full = [f"{prefix}.{n}" for n in group]
                 records = method.quantize_group(full, weights, [opt.spec] * len(group), [stats[n] for n in group])
                 for f, qw in zip(full, records):
-                    layers[f]["bits"][opt.name] = storage_bits(f, qw)
+                    layers[f]["bits"][opt.name] = option_bits(opt, f, qw)
                     layers[f]["error"][opt.name] = float(qw.error)
             bar.update(1)
         for n, W in zip(group, weights):

@@ -31,7 +31,7 @@ from lowbit.errors import LowbitError
 from lowbit.mixed.allocate import Plan, allocate, measurement_layers
 from lowbit.mixed.apply import plan_recipe
 from lowbit.mixed.artifact import Measurement
-from lowbit.mixed.measure import PROBE, _method, storage_bits
+from lowbit.mixed.measure import PROBE, _method, option_bits
 from lowbit.mixed.options import Option, candidate_options
 from lowbit.module_pipeline import _stats_for, plan_module, weight_2d
 from lowbit.recipe import Recipe
@@ -130,7 +130,7 @@ def measure_module(model: nn.Module, batches: Sequence, *, options: Sequence[Opt
                 if all(_fits(opt, *W.shape) for W in weights):
                     records = m.quantize_group(names, weights, [opt.spec] * len(names), stats)
                     for n, qw in zip(names, records):
-                        meas.layers[n]["bits"][opt.name] = storage_bits(n, qw)
+                        meas.layers[n]["bits"][opt.name] = option_bits(opt, n, qw)
                         meas.layers[n]["error"][opt.name] = float(qw.error)
                 bar.update(1)
             for n, mod, W, st in zip(names, mods, weights, stats):

@@ -1,4 +1,5 @@
-"""The candidate options of a mixed-precision plan: bits x group size, as QuantSpecs."""
+"""The candidate options of a mixed-precision plan: bits x group size, as QuantSpecs; or the
+GGUF types llama.cpp stores (`gguf_options`), each with its exact bits per weight."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ class Option:
 
     name: str
     spec: QuantSpec
+    bits_per_weight: float | None = None  # fixed storage (a GGUF type's block bytes); None: lowbit's checkpoint
 
     def fits(self, in_features: int) -> bool:
+        if self.spec.superblock is not None and in_features % self.spec.superblock:
+            return False
         return self.spec.granularity != "group" or in_features % self.spec.group_size == 0
 
 
@@ -61,3 +65,19 @@ def parse_list(text: str, what: str) -> tuple[int, ...]:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise LowbitError(f"{what} must be comma-separated integers, e.g. 2,3,4; got {text!r}") from None
+
+
+GGUF_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+
+
+def gguf_options(types=GGUF_TYPES) -> tuple[Option, ...]:
+    """One option per GGUF type: the record spec that maps onto its blocks one to one (GPTQ
+    quantizes onto that grid) and the type's exact bits per weight (block bytes x 8 / block).
+    A layer takes the types whose block divides its rows (K-types: multiples of 256), i.e. what
+    llama.cpp can store for that shape; named by the type."""
+    from lowbit.export.gguf_blocks import LAYOUTS
+
+    bad = [t for t in types if t not in LAYOUTS]
+    if bad or not types:
+        raise LowbitError(f"GGUF option types {', '.join(bad) or '(none)'}: choose from {', '.join(LAYOUTS)}")
+    return tuple(Option(t, LAYOUTS[t].spec, LAYOUTS[t].bits_per_weight) for t in dict.fromkeys(types))
