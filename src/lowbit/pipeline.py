@@ -242,9 +242,9 @@ def _quantize_embedding(model, name: str, spec, swap: bool) -> QuantizedWeight:
     embed = get_module(model, name)
     qw = quantize_embedding(embed, spec, name)
     if swap:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantEmbedding.from_quantized(qw, embed.padding_idx, embed.weight.dtype, name))
+        from lowbit.nn.replace import replace_linear
+
+        replace_linear(model, name, QuantEmbedding.from_quantized(qw, embed.padding_idx, embed.weight.dtype, name))
     else:
         embed.weight.data.copy_(qw.dequantize(embed.weight.dtype))
     return qw

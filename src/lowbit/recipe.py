@@ -103,6 +103,17 @@ def _spec_from(d: dict, base: QuantSpec | None = None, where: str = "recipe") ->
         raise LowbitError(f"{where}: {e}") from None
 
 
+def _sub_spec(data: dict, key: str, base: QuantSpec | None, where: str) -> QuantSpec | None:
+    """A recipe's own spec for one module (`head:`, `embed:`), over `base` when given."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - set(SPEC_KEYS):
+        bad = sorted(set(value) - set(SPEC_KEYS)) if isinstance(value, dict) else [value]
+        raise LowbitError(f"{where}: {key!r} must be a mapping of spec keys ({', '.join(SPEC_KEYS)}); got {bad[0]!r}")
+    return _spec_from(value, base, f"{where}: {key}")
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """YAML: {method, bits, dtype, symmetric, granularity, group_size, integer_zero, scale_dtype,
     ignore: [regex], overrides: [{pattern, bits, ...}], quantize_head, head: {bits, ...} (lm_head's own
@@ -142,18 +153,8 @@ def load_recipe(path: str | Path) -> Recipe:
         if bad:
             raise LowbitError(f"{w}: unknown key {bad[0]!r}; valid keys: pattern, {', '.join(SPEC_KEYS)}")
         overrides.append((_regex(w, o["pattern"]), _spec_from({k: v for k, v in o.items() if k != "pattern"}, base, w)))
-    head = data.get("head")
-    if head is not None:
-        if not isinstance(head, dict) or set(head) - set(SPEC_KEYS):
-            bad = sorted(set(head) - set(SPEC_KEYS)) if isinstance(head, dict) else [head]
-            raise LowbitError(f"{where}: 'head' must be a mapping of spec keys ({', '.join(SPEC_KEYS)}); got {bad[0]!r}")
-        head = _spec_from(head, base, f"{where}: head")
-    embed = data.get("embed")
-    if embed is not None:
-        if not isinstance(embed, dict) or set(embed) - set(SPEC_KEYS):
-            bad = sorted(set(embed) - set(SPEC_KEYS)) if isinstance(embed, dict) else [embed]
-            raise LowbitError(f"{where}: 'embed' must be a mapping of spec keys ({', '.join(SPEC_KEYS)}); got {bad[0]!r}")
-        embed = _spec_from(embed, None, f"{where}: embed")
+    head = _sub_spec(data, "head", base, where)
+    embed = _sub_spec(data, "embed", None, where)
     method = _typed(where, "method", data.get("method", "rtn"), str)
     options = data.get("options") or {}
     try:

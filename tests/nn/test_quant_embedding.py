@@ -77,3 +77,15 @@ def test_checkpoint_round_trip_and_float_formats(tiny_dir, tmp_path):
     compressed_tensors.write(read(tmp_path / "q"), tmp_path / "ct")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     assert torch.equal(theirs.model.embed_tokens.weight.float(), table)
+
+
+def test_recipe_embed_key(tmp_path):
+    from lowbit.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("method: rtn\nbits: 4\nhead: {bits: 8, granularity: channel}\nembed: {bits: 8, group_size: 32}\n")
+    r = load_recipe(path)
+    assert r.embed_spec == embed_spec(8) and r.head_spec.bits == 8
+    path.write_text("method: rtn\nembed: {bitz: 8}\n")
+    with pytest.raises(LowbitError, match="'embed' must be a mapping of spec keys.*'bitz'"):
+        load_recipe(path)

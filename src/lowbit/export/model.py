@@ -99,11 +99,10 @@ class QuantizedModel:
 
 def _install_embedding(model, name: str, qw) -> None:
     from lowbit.nn.quant_embedding import QuantEmbedding
+    from lowbit.nn.replace import replace_linear
 
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, QuantEmbedding.from_quantized(qw, old.padding_idx, name=name))
+    old = model.get_submodule(name)
+    replace_linear(model, name, QuantEmbedding.from_quantized(qw, old.padding_idx, name=name))
 
 
 def _rebuild_buffers(model) -> None:
