@@ -33,7 +33,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_file
 from lowbit.models.arch import arch_for, blocks_of
 from lowbit.qat.prepare import qat_layers, qat_parameters
-from lowbit.qat.trainer import TrainConfig, train
+from lowbit.qat.trainer import TrainConfig, read_checkpoint, train
 
 log = logging.getLogger(__name__)
 STATE = "block-ap-state.pt"
@@ -124,15 +124,7 @@ def _load(path: Path, fp: str) -> dict | None:
 
 
 def _load_file(file: Path, fp: str) -> dict:
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LowbitError(f"{file} is not a readable Block-AP checkpoint ({type(e).__name__}); "
-                          "delete it to start over") from None
-    if state.get("fingerprint") != fp:
-        raise LowbitError(f"{file} was written by a Block-AP run with other settings or calibration data; rerun "
-                          "with the same settings to resume, or delete it to start over")
-    return state
+    return read_checkpoint(file, fp, "Block-AP", "settings or calibration data")
 
 
 def _trained(model, block: int, arch) -> dict[str, torch.Tensor]:

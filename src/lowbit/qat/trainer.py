@@ -92,18 +92,25 @@ def _save(path: Path, step: int, named: dict, opt, losses: list[float], fp: dict
     atomic_write_bytes(path / LOSS_LOG, buf.getvalue().encode())
 
 
+def read_checkpoint(file: Path, fp, what: str, settings: str) -> dict:
+    """The state saved in `file`, refused (one LowbitError) when unreadable or written with another
+    fingerprint; `what` names the checkpoint, `settings` what a different fingerprint means."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LowbitError(f"{file} is not a readable {what} checkpoint ({type(e).__name__}); "
+                          "delete it to start over") from None
+    if state.get("fingerprint") != fp:
+        raise LowbitError(f"{file} was written by a {what} run with other {settings}; rerun with the same "
+                          "settings to resume, or delete it to start over")
+    return state
+
+
 def _load(path: Path, named: dict, opt, fp: dict) -> tuple[int, list[float]] | None:
     file = path / STATE
     if not file.is_file():
         return None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LowbitError(f"{file} is not a readable QAT checkpoint ({type(e).__name__}); "
-                          "delete it to start over") from None
-    if state.get("fingerprint") != fp:
-        raise LowbitError(f"{file} was written by a run with other settings (steps, learning rate, seed or trained "
-                          "parameters); rerun with the same settings to resume, or delete it to start over")
+    state = read_checkpoint(file, fp, "QAT", "settings (steps, learning rate, seed or trained parameters)")
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(state["params"][n])
