@@ -154,8 +154,6 @@ def head_embed_quality(base, tok, windows: int) -> dict:
     per channel and int4 g32, and with the int8 input embedding (model bytes too)."""
     import copy
 
-    import torch
-
     from lowbit import QuantSpec
     from lowbit.api import embed_spec
     from lowbit.calibration import eval_windows, load_text_or_pydoc
