@@ -81,6 +81,16 @@ def float_copy(model: nn.Module, records: dict[str, QuantizedWeight]) -> nn.Modu
     return m
 
 
+def checked_float_copy(model: nn.Module, records: dict[str, QuantizedWeight], check) -> nn.Module:
+    """`float_copy` once every record passed `check(name, record)` (a format's own refusals)."""
+    if not records:
+        raise LowbitError(f"no quantized layer records for {type(model).__name__}; pass what "
+                          "lowbit.quantize_module returned")
+    for name, qw in records.items():
+        check(name, qw)
+    return float_copy(model, records)
+
+
 def _int_tensor(name: str, elem: int, dims: list[int], values: torch.Tensor, small: bool):
     """An integer initializer as raw bytes: one a byte, or two 4-bit values a byte (first in the low nibble)."""
     from onnx import helper
@@ -141,12 +151,7 @@ def export_weight_only(model: nn.Module, records: dict[str, QuantizedWeight], ex
 
     from lowbit.export.onnx_graph import prune
 
-    if not records:
-        raise LowbitError(f"no quantized layer records for {type(model).__name__}; pass what "
-                          "lowbit.quantize_module returned")
-    for name, qw in records.items():
-        check_exportable(name, qw)
-    shadow = float_copy(model, records)
+    shadow = checked_float_copy(model, records, check_exportable)
     buf = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(shadow, tuple(example_inputs), buf, dynamo=False, opset_version=EXPORT_OPSET,

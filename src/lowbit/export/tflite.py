@@ -385,9 +385,16 @@ def to_tflite(model: nn.Module, example_inputs) -> bytes:
     tensors (the batch sets the ranges of outputs no int8 layer reads)."""
     if not any(isinstance(m, (Int8Conv2d, Int8Linear)) for m in model.modules()):
         raise LowbitError(f"{type(model).__name__} holds no int8 modules; run lowbit.ptq.convert before exporting")
+    gm, rec = traced(model, example_inputs, _Tracer())
+    return _Lowering(gm, rec).lower().to_bytes()
+
+
+def traced(model: nn.Module, example_inputs, tracer: fx.Tracer) -> tuple[fx.GraphModule, _Record]:
+    """The fx graph of `model` and each node's shape and range on `example_inputs` (a tensor or a
+    tuple of tensors)."""
     example_inputs = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
     try:
-        graph = _Tracer().trace(model.eval())
+        graph = tracer.trace(model.eval())
     except Exception as e:  # noqa: BLE001 - fx raises many types for untraceable Python
         raise LowbitError(f"{type(model).__name__} cannot be traced by torch.fx for TFLite export: "
                           f"{' '.join(str(e).split())[:300]}") from None
@@ -398,7 +405,7 @@ def to_tflite(model: nn.Module, example_inputs) -> bytes:
             rec.run(*example_inputs)
     except LowbitError as e:  # fx appends the node's trace to the message: keep the first line
         raise LowbitError(str(e).split("\n")[0]) from None
-    return _Lowering(gm, rec).lower().to_bytes()
+    return gm, rec
 
 
 def export(model: nn.Module, example_inputs, out: str | Path) -> Path:

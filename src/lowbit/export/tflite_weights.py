@@ -24,8 +24,9 @@ from torch import fx, nn
 
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
-from lowbit.export.onnx_weights import check_exportable, float_copy
-from lowbit.export.tflite import ACT_NONE, ACT_RELU, DEQUANTIZE, FULLY_CONNECTED, OPT_FC, _Lowering, _Record, _Value
+from lowbit.export.onnx_weights import check_exportable, checked_float_copy
+from lowbit.export.tflite import (ACT_NONE, ACT_RELU, DEQUANTIZE, FULLY_CONNECTED, OPT_FC, _Lowering, _Record, _Value,
+                                  traced)
 from lowbit.export.tflite_file import options
 from lowbit.io.atomic import atomic_write_bytes
 
@@ -107,22 +108,7 @@ class _WeightOnly(_Lowering):
 def to_tflite_weight_only(model: nn.Module, records: dict[str, QuantizedWeight], example_inputs) -> bytes:
     """The .tflite bytes of a model quantized by `quantize_module` (its returned `records`, or those
     `load_module` reads back); `example_inputs`: a tensor or a tuple of tensors (shapes only)."""
-    if not records:
-        raise LowbitError(f"no quantized layer records for {type(model).__name__}; pass what "
-                          "lowbit.quantize_module returned")
-    for name, qw in records.items():
-        check_tflite_record(name, qw)
-    shadow = float_copy(model, records)
-    example_inputs = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
-    try:
-        graph = fx.Tracer().trace(shadow)
-    except Exception as e:  # noqa: BLE001 - fx raises many types for untraceable Python
-        raise LowbitError(f"{type(model).__name__} cannot be traced by torch.fx for TFLite export: "
-                          f"{' '.join(str(e).split())[:300]}") from None
-    gm = fx.GraphModule(shadow, graph)
-    rec = _Record(gm)
-    with torch.no_grad():
-        rec.run(*example_inputs)
+    gm, rec = traced(checked_float_copy(model, records, check_tflite_record), example_inputs, fx.Tracer())
     return _WeightOnly(gm, rec, records).lower().to_bytes()
 
 
