@@ -274,7 +274,8 @@ def main() -> None:
     ap.add_argument("--combine", default=None, help="only merge smollm2_<scheme>_gptq / _rtn into this key + plot")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    import lowbit._cpu  # noqa: F401,E402  (after torch)
+    from lowbit.nn import cpu_kernels  # noqa: E402
+    cpu_kernels.load()  # the compiled kernels (when this CPU runs them) load before the work starts
 
     path = RESULTS / "qat.json"
     if args.combine:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from lowbit.calibration.capture import BlockInputs, block_dtype, capture_first_block_inputs, run_block
 from lowbit.calibration.lockstep import Lockstep
 from lowbit.calibration.resume import fingerprint, load_state, save_state
+from lowbit.core.cpu_features import compute_dtype
 from lowbit.core.finite import all_finite, count_nonfinite
 from lowbit.core.quantize import QuantizedWeight, quantize
 from lowbit.errors import LowbitError
@@ -151,10 +152,11 @@ def _group_hook(lock, prefix, names, seen, pending, quantize_group, _module, arg
 
 def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None = None,
                    progress: bool = True, swap: bool = True, state_dir=None,
-                   calib_dtype: torch.dtype | None = torch.bfloat16) -> "QuantizedLayers":
+                   calib_dtype: torch.dtype | None | str = "auto") -> "QuantizedLayers":
     """Quantize `model` in place per `recipe` with `method`; returns {name: QuantizedWeight}.
 
-    Calibration forwards (and the activations kept between blocks) run in `calib_dtype` (None:
+    Calibration forwards (and the activations kept between blocks) run in `calib_dtype` ("auto":
+    bfloat16 where this CPU multiplies it natively, float32 elsewhere, `core.cpu_features`; None:
     the model's dtype); the weights are always quantized from the model's own precision.
 
     With swap=True each finished block's Linears are replaced by packed QuantLinears at once
@@ -167,6 +169,8 @@ def quantize_model(model, recipe: Recipe, method, calib_ids: torch.Tensor | None
     The returned records are the methods' own (with their measured `error`), held compactly in
     lowbit's packed layout, never read back out of a kernel's layout.
     """
+    if calib_dtype == "auto":
+        calib_dtype = compute_dtype()
     arch = arch_for(model)
     plan = recipe.plan(model, arch)
     if arch.head in plan:

@@ -50,7 +50,8 @@ def test_linear4bit_forward_backward_match_dequantized_weight(quant_type):
     m = Linear4bit.from_linear(lin, quant_type)
     ref = m.packed().dequantize()
     assert torch.equal(m.packed().codes, quantize_4bit(lin.weight.detach(), quant_type).codes)
-    assert torch.equal(m.dense(torch.float32), ref.to(torch.bfloat16).float())  # kernel dequant, rounded once
+    # the kernels dequantize to bf16 (rounded once); the pure-torch path (CPUs without them) is exact
+    assert torch.equal(m.dense(torch.float32), ref.to(torch.bfloat16).float() if m.use_kernels else ref)
     x = torch.randn(2, 24, 256, requires_grad=True)
     y = m(x)
     want = x.detach() @ ref.t() + lin.bias.detach()

@@ -24,6 +24,7 @@ import torch
 
 from lowbit.algorithms.hessian import HessianAccumulator, output_error_rows
 from lowbit.algorithms.threads import one_thread
+from lowbit.core.cpu_features import compute_dtype
 from lowbit.core.finite import all_finite
 from lowbit.core.formats import codebook, nearest_code
 from lowbit.core.qparams import choose_qparams, round_params
@@ -272,7 +273,7 @@ def gptq(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor, *, block_size: int =
     else:
         codes = C.to(torch.uint8)
     qw = QuantizedWeight(codes, scale_out, zero_out, spec, g_idx)
-    num, den = output_error_rows(W0, Qd, H_in, dtype=torch.bfloat16)  # a reported figure
+    num, den = output_error_rows(W0, Qd, H_in, dtype=compute_dtype())  # a reported figure
     return GPTQResult(qw, Qd, used_damp, float(num.sum() / den.sum().clamp_min(1e-30)), (num, den))
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.hessian import output_error
 from lowbit.calibration.capture import BlockInputs, capture_first_block_inputs, run_block
+from lowbit.core.cpu_features import compute_dtype
 from lowbit.core.quantize import QuantizedWeight, quantize
 from lowbit.errors import LowbitError
 from lowbit.export.lowbit import layer_tensors
@@ -110,11 +111,13 @@ def _measure_block(method, block, work, prefix: str, arch, inputs: BlockInputs, 
 
 def measure(model, calib_ids: torch.Tensor, sens_ids: torch.Tensor, *, options=None, method: str = "gptq",
             method_options: dict | None = None, path: str | Path | None = None, progress: bool = True,
-            calib_dtype: torch.dtype | None = torch.bfloat16) -> Measurement:
+            calib_dtype: torch.dtype | None | str = "auto") -> Measurement:
     """Measure `model` (fully loaded, left unchanged) or reuse/resume the artifact at `path`
     (default: the cache, named by the measurement's key). `calib_ids` [n, seq] feed the Hessians;
     `sens_ids` [m, seq] (a few short calibration windows) the sensitivity probes."""
     options = tuple(options or candidate_options())
+    if calib_dtype == "auto":  # bfloat16 where this CPU multiplies it natively (core.cpu_features)
+        calib_dtype = compute_dtype()
     m = _method(method, method_options)
     arch = arch_for(model)
     blocks = blocks_of(model, arch)

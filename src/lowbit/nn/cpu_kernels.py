@@ -1,7 +1,8 @@
 """lowbit's compiled CPU kernels (csrc/qmatmul.cpp, built by the install step as `lowbit._cpu`).
 
-`load()` returns the extension module when it is built and this CPU has the instructions it uses
-(AVX-512 BW/VBMI/BF16); otherwise None, and QuantLinear runs its pure-torch path. Setting
+`load()` returns the extension module when it is built and this CPU has every instruction set it is
+compiled with (AVX-512 F/BW/VL/DQ/VBMI/BF16/VNNI, FMA, F16C: checked before the import, which
+would otherwise die of SIGILL on an AVX2-only CPU); otherwise None, and QuantLinear runs its pure-torch path. Setting
 LOWBIT_KERNELS=torch forces the pure-torch path (to compare the two, or to rule the kernels out).
 """
 
@@ -11,6 +12,7 @@ import functools
 import logging
 import os
 
+from lowbit.core.cpu_features import cpu_flags
 from lowbit.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -19,8 +21,24 @@ log = logging.getLogger(__name__)
 MODE_OFFSET, MODE_ZERO, MODE_SCALED_ZERO, MODE_TABLE = 0, 1, 2, 3
 
 
+# the instruction sets lowbit._cpu is compiled with (setup.py's ISA): the compiler may use any of them
+# anywhere in the module, its import included, so a CPU without one of them must not import it at all
+ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_bf16", "avx512_vnni", "fma", "f16c")
+
+
+def missing_isa(flags: set[str] | None) -> list[str]:
+    """The instruction sets of ISA_FLAGS this CPU lacks (all of them when its flags are unknown)."""
+    return [f for f in ISA_FLAGS if flags is None or f not in flags]
+
+
 @functools.cache
 def _extension():
+    flags = cpu_flags()
+    missing = missing_isa(flags)
+    if missing:  # importing the module would execute instructions this CPU does not have (SIGILL)
+        what = "cannot tell this CPU's instruction sets" if flags is None else "this CPU lacks " + ", ".join(missing)
+        log.warning("%s: lowbit's CPU kernels are not loaded and quantized layers use the slower pure-torch path", what)
+        return None
     try:
         from lowbit import _cpu
     except ImportError as e:

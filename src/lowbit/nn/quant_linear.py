@@ -29,6 +29,7 @@ from lowbit.core.formats import codebook
 from lowbit.core.packing import pack_bits, packed_len
 from lowbit.core.quantize import QuantizedWeight
 from lowbit.errors import LowbitError
+from lowbit.core.cpu_features import compute_dtype
 from lowbit.nn import cpu_kernels, cpu_layout, dequant
 from lowbit.nn.held_buffers import HoldsQuantBuffers
 from lowbit.spec import QuantSpec
@@ -156,7 +157,8 @@ class QuantLinear(HoldsQuantBuffers):
             y = cpu_kernels.ext().qmatmul(x2, *self._kernel_args(), self.perm, self.bias, *self._layout_args())
         else:
             xs = x2 if self.perm is None else x2.index_select(1, self.perm)
-            y = torch.mm(xs.to(BF16), self._stored_dense(BF16).t()).to(x.dtype)
+            cd = compute_dtype()  # bf16 where the CPU multiplies it natively, float32 elsewhere
+            y = torch.mm(xs.to(cd), self._stored_dense(cd).t()).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.core.cpu_features import compute_dtype
 from lowbit.errors import LowbitError
 from lowbit.models.arch import arch_for, blocks_of
 from lowbit.models.lazy import materialize_block
@@ -163,7 +164,7 @@ def adapt(model: nn.Module, config: LoraConfig = LoraConfig(), base_name: str = 
         p.requires_grad_(False)
     chosen_set = set(chosen)
     qlora = config.quant_type is not None
-    compute = torch.bfloat16 if qlora else torch.float32
+    compute = compute_dtype() if qlora else torch.float32  # bf16 where this CPU multiplies it natively
     prefixes = _block_prefixes(model)
     gen = torch.Generator().manual_seed(config.seed)
     for i, prefix in enumerate(tqdm(prefixes, desc="4-bit base + adapters" if qlora else "adapters", leave=False)):
@@ -188,9 +189,9 @@ def adapt(model: nn.Module, config: LoraConfig = LoraConfig(), base_name: str = 
                     lora.set_product(*product)
                 _set(model, name, lora)
         if qlora and prefix:
-            model.get_submodule(prefix[:-1]).to(torch.bfloat16)  # norms; adapters are made fp32 below
+            model.get_submodule(prefix[:-1]).to(compute)  # norms; adapters are made fp32 below
     if qlora:
-        model.to(torch.bfloat16)
+        model.to(compute)
     for m in model.modules():
         if isinstance(m, LoraLinear):
             m.lora_A.float().requires_grad_(True)

@@ -13,31 +13,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.core.cpu_features import compute_dtype
 from lowbit.errors import LowbitError
 from lowbit.nn import cpu_kernels, cpu_layout
 from lowbit.nn.held_buffers import HoldsQuantBuffers
 from lowbit.nn.quant_linear import GEMV_MAX_ROWS
 from lowbit.qlora.storage import BLOCK, Packed4bit, dequantize_blockwise8, quantize_4bit, table
 
-BF16 = torch.bfloat16
 
 
 class _DequantMatmul(torch.autograd.Function):
-    """y = x @ W.T with W dequantized in forward and again in backward (never saved)."""
+    """y = x @ W.T with W dequantized in forward and again in backward (never saved), in the
+    compute dtype (bf16 where this CPU multiplies it natively, float32 elsewhere)."""
 
     @staticmethod
     def forward(ctx, x, layer):
-        ctx.layer, ctx.dtype = layer, x.dtype
-        return torch.mm(x.to(BF16), layer.dense(BF16).t())
+        cd = compute_dtype()
+        ctx.layer, ctx.dtype, ctx.cd = layer, x.dtype, cd
+        return torch.mm(x.to(cd), layer.dense(cd).t())
 
     @staticmethod
     def backward(ctx, gy):
-        gx = torch.mm(gy.to(BF16), ctx.layer.dense(BF16))
+        gx = torch.mm(gy.to(ctx.cd), ctx.layer.dense(ctx.cd))
         return gx.to(ctx.dtype), None
 
 
 class Linear4bit(HoldsQuantBuffers):
-    """y = x @ W.T + b, W frozen in QLoRA storage. Output in bf16 (the compute dtype)."""
+    """y = x @ W.T + b, W frozen in QLoRA storage. Output in the compute dtype (`core.cpu_features`:
+    bf16 on CPUs with native bf16 matmuls, float32 elsewhere)."""
 
     def __init__(self, packed: Packed4bit, bias: torch.Tensor | None = None, name: str = "Linear4bit"):
         super().__init__()
@@ -52,7 +55,7 @@ class Linear4bit(HoldsQuantBuffers):
         self.register_buffer("nested_absmax", None if packed.nested_absmax is None else packed.nested_absmax.clone())
         self.register_buffer("nested_code", None if packed.nested_code is None else packed.nested_code.clone())
         self.register_buffer("table", table(packed.quant_type))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(BF16).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype()).clone())
         self.use_kernels = cpu_kernels.load() is not None and cols % 64 == 0
 
     @classmethod
@@ -79,13 +82,13 @@ class Linear4bit(HoldsQuantBuffers):
     def _layout(self):
         return (4, cpu_layout.B4, BLOCK, cpu_kernels.MODE_TABLE, 0)
 
-    def dense(self, dtype: torch.dtype = BF16) -> torch.Tensor:
+    def dense(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The dequantized weight [out, in] (computed now, never cached)."""
         if self.use_kernels:
             bits, layout, group, mode, off = self._layout()
             w = cpu_kernels.ext().dequant(self.qweight, self.scale(), None, self.table, bits, layout,
                                           self.in_features, group, mode, off)
-            return w if dtype == BF16 else w.to(dtype)
+            return w if dtype == torch.bfloat16 else w.to(dtype)
         codes = cpu_layout.unpack(self.qweight, 4, self.in_features).long()
         v = self.table[codes].reshape(self.out_features, -1, BLOCK) * self.scale().unsqueeze(-1)
         return v.reshape(self.out_features, self.in_features).to(dtype)
@@ -93,8 +96,9 @@ class Linear4bit(HoldsQuantBuffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.use_kernels and x2.shape[0] <= GEMV_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
-            y = cpu_kernels.ext().qmatmul(x2.to(BF16), self.qweight, self.scale(), None, self.table, None,
-                                          None, *self._layout()).to(BF16)
+            bf16 = torch.bfloat16  # the kernels run only on CPUs where bf16 is the compute dtype
+            y = cpu_kernels.ext().qmatmul(x2.to(bf16), self.qweight, self.scale(), None, self.table, None,
+                                          None, *self._layout()).to(bf16)
         else:
             y = _DequantMatmul.apply(x2, self)
         if self.bias is not None:
