@@ -37,6 +37,7 @@ int lookup_kind(int bits) { return bits <= 3 ? PERM8 : (bits == 4 ? PERM16 : GAT
 
 struct Rows {
   const uint8_t* data;
+  const uint8_t* end;  // one past the tensor's last byte: 8-byte loads that stay below it are safe
   int64_t sb, sh, sn, row_bytes, dp, chunks;  // chunks of 8 codes per row
   int bits;
 };
@@ -48,11 +49,12 @@ struct Unpacker {
   __m256i shuf, shift, mask;
   __m256 tab0, tab1;
   const float* levels;
+  const uint8_t* end;
   int bits;
   int64_t row_bytes;
 };
 
-Unpacker make_unpacker(int bits, const float* lv, int64_t row_bytes) {
+Unpacker make_unpacker(int bits, const float* lv, int64_t row_bytes, const uint8_t* end) {
   alignas(32) uint8_t p[32];
   alignas(32) int32_t s[8];
   for (int i = 0; i < 8; ++i) {
@@ -69,18 +71,21 @@ Unpacker make_unpacker(int bits, const float* lv, int64_t row_bytes) {
   U.tab0 = _mm256_load_ps(t);
   U.tab1 = _mm256_load_ps(t + 8);
   U.levels = lv;
+  U.end = end;
   U.bits = bits;
   U.row_bytes = row_bytes;
   return U;
 }
 
-// codebook values of codes 8c .. 8c+7 of one row (lanes past the row's codes read zero bytes)
+// codebook values of codes 8c .. 8c+7 of one row.  The 8-byte load may run past the row (into the next
+// one): that only feeds lanes past the row's dp codes, which the callers zero (query) or drop (sums);
+// only at the tensor's end are just the row's own bytes read.
 template <int L>
 inline __m256 values8(const Unpacker& U, const uint8_t* row, int64_t c) {
-  const int64_t start = U.bits * c;
+  const uint8_t* at = row + U.bits * c;
   uint64_t w = 0;
-  if (start + 8 <= U.row_bytes) std::memcpy(&w, row + start, 8);
-  else std::memcpy(&w, row + start, U.row_bytes - start);
+  if (at + 8 <= U.end) std::memcpy(&w, at, 8);
+  else std::memcpy(&w, at, row + U.row_bytes - at);
   const __m256i raw = _mm256_broadcastsi128_si256(_mm_cvtsi64_si128(static_cast<long long>(w)));
   const __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, U.shuf), U.shift), U.mask);
   if (L == PERM8) return _mm256_permutevar8x32_ps(U.tab0, code);
@@ -97,12 +102,32 @@ inline float hsum(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-// scores of tokens [t0, t1) of one (b, h) for GB query heads (q: [GB, chunks * 8], zero-padded)
+// scores of tokens [t0, t1) of one (b, h) for GB query heads (q: [GB, chunks * 8], zero-padded); two tokens
+// per iteration, so two independent FMA chains per head are in flight
 template <int L, int GB>
 void scores_block(const Rows& C, const Unpacker& U, const uint8_t* base, const float* q, const float* scale,
                   float* out, int64_t n, int64_t t0, int64_t t1) {
   const int64_t qs = C.chunks * 8;
-  for (int64_t t = t0; t < t1; ++t) {
+  int64_t t = t0;
+  for (; t + 1 < t1; t += 2) {
+    const uint8_t* row0 = base + t * C.sn;
+    const uint8_t* row1 = row0 + C.sn;
+    __m256 a0[GB], a1[GB];
+    for (int g = 0; g < GB; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C.chunks; ++c) {
+      const __m256 v0 = values8<L>(U, row0, c), v1 = values8<L>(U, row1, c);
+      for (int g = 0; g < GB; ++g) {
+        const __m256 qg = _mm256_loadu_ps(q + g * qs + 8 * c);
+        a0[g] = _mm256_fmadd_ps(qg, v0, a0[g]);
+        a1[g] = _mm256_fmadd_ps(qg, v1, a1[g]);
+      }
+    }
+    for (int g = 0; g < GB; ++g) {
+      out[g * n + t] = scale[t] * hsum(a0[g]);
+      out[g * n + t + 1] = scale[t + 1] * hsum(a1[g]);
+    }
+  }
+  for (; t < t1; ++t) {
     const uint8_t* row = base + t * C.sn;
     __m256 acc[GB];
     for (int g = 0; g < GB; ++g) acc[g] = _mm256_setzero_ps();
@@ -132,7 +157,7 @@ void scores_heads(const Rows& C, const Unpacker& U, const uint8_t* base, const f
 
 void scores_avx2(const Rows& C, const float* levels, const float* q, const float* scale, float* out, int64_t n,
                  int64_t G, int64_t t0, int64_t t1, const uint8_t* base) {
-  const Unpacker U = make_unpacker(C.bits, levels, C.row_bytes);
+  const Unpacker U = make_unpacker(C.bits, levels, C.row_bytes, C.end);
   switch (lookup_kind(C.bits)) {
     case PERM8: scores_heads<PERM8>(C, U, base, q, scale, out, n, G, t0, t1); break;
     case PERM16: scores_heads<PERM16>(C, U, base, q, scale, out, n, G, t0, t1); break;
@@ -140,17 +165,27 @@ void scores_avx2(const Rows& C, const float* levels, const float* q, const float
   }
 }
 
-// codebook-weighted sums of coordinates 8c .. 8c+7 of one (b, h) for GB query heads (out: [GB, chunks * 8])
+// codebook-weighted sums of coordinates 8c .. 8c+7 of one (b, h) for GB query heads (out: [GB, chunks * 8]);
+// even and odd tokens go to separate accumulators (two FMA chains per head)
 template <int L, int GB>
 void values_chunk(const Rows& C, const Unpacker& U, const uint8_t* base, const float* w, float* out, int64_t n,
                   int64_t c) {
-  __m256 acc[GB];
-  for (int g = 0; g < GB; ++g) acc[g] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < n; ++t) {
-    const __m256 v = values8<L>(U, base + t * C.sn, c);
-    for (int g = 0; g < GB; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + g * n + t), v, acc[g]);
+  __m256 a0[GB], a1[GB];
+  for (int g = 0; g < GB; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 1 < n; t += 2) {
+    const uint8_t* row = base + t * C.sn;
+    const __m256 v0 = values8<L>(U, row, c), v1 = values8<L>(U, row + C.sn, c);
+    for (int g = 0; g < GB; ++g) {
+      a0[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + g * n + t), v0, a0[g]);
+      a1[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + g * n + t + 1), v1, a1[g]);
+    }
   }
-  for (int g = 0; g < GB; ++g) _mm256_storeu_ps(out + g * C.chunks * 8 + 8 * c, acc[g]);
+  if (t < n) {
+    const __m256 v = values8<L>(U, base + t * C.sn, c);
+    for (int g = 0; g < GB; ++g) a0[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + g * n + t), v, a0[g]);
+  }
+  for (int g = 0; g < GB; ++g) _mm256_storeu_ps(out + g * C.chunks * 8 + 8 * c, _mm256_add_ps(a0[g], a1[g]));
 }
 
 template <int L>
@@ -171,7 +206,7 @@ void values_heads(const Rows& C, const Unpacker& U, const uint8_t* base, const f
 
 void values_avx2(const Rows& C, const float* levels, const float* w, float* out, int64_t n, int64_t G, int64_t c,
                  const uint8_t* base) {
-  const Unpacker U = make_unpacker(C.bits, levels, C.row_bytes);
+  const Unpacker U = make_unpacker(C.bits, levels, C.row_bytes, C.end);
   switch (lookup_kind(C.bits)) {
     case PERM8: values_heads<PERM8>(C, U, base, w, out, n, G, c); break;
     case PERM16: values_heads<PERM16>(C, U, base, w, out, n, G, c); break;
@@ -193,8 +228,11 @@ Rows check_codes(const at::Tensor& codes, int64_t bits, int64_t dp) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be 1..8, got ", bits);
   TORCH_CHECK(dp >= 1 && codes.size(3) == (dp * bits + 7) / 8, "codes have ", codes.size(3),
               " bytes per row, expected ", (dp * bits + 7) / 8, " for ", dp, " codes of ", bits, " bits");
-  return {codes.data_ptr<uint8_t>(), codes.stride(0), codes.stride(1), codes.stride(2), codes.size(3), dp,
-          (dp + 7) / 8, static_cast<int>(bits)};
+  const uint8_t* data = codes.data_ptr<uint8_t>();
+  int64_t last = 0;  // offset of the last byte
+  for (int i = 0; i < 4; ++i) last += (codes.size(i) - 1) * codes.stride(i);
+  return {data, data + (codes.numel() ? last + 1 : 0), codes.stride(0), codes.stride(1), codes.stride(2),
+          codes.size(3), dp, (dp + 7) / 8, static_cast<int>(bits)};
 }
 
 at::Tensor check_levels(const at::Tensor& levels, int64_t bits) {
