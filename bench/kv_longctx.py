@@ -77,18 +77,19 @@ def _memory(cache) -> dict:
 def speed_runs(model, cfg, contexts, n_tokens: int, bases=None, residual: int = 32, contenders=None) -> list[dict]:
     from kv_peers import available, peer_factory
 
+    from lowbit.kvcache.code_scoring import enable_code_scoring
+
     if contenders is None:
         kw = dict(key_basis=bases, norm_bits=8)
         contenders = {
             "fp32 DynamicCache": lambda: DynamicCache(config=cfg),
-            "lowbit tq 3.25 packed": lambda: QuantizedKVCache("turboquant", 3.25, cfg, **kw),
-            "lowbit tq 3.25 decode_buffer": lambda: QuantizedKVCache("turboquant", 3.25, cfg, decode_buffer=True, **kw),
             "lowbit tq 3.25 code scoring": lambda: QuantizedKVCache("turboquant", 3.25, cfg, score_codes=True,
                                                                     **{**kw, "key_basis": None}),
         }
-        for be in ("quanto", "hqq"):
-            if available(be):
-                contenders[f"QuantizedCache {be} 4-bit"] = peer_factory(be, 4, cfg, residual_length=residual)
+        if available("quanto"):
+            for nb in (4, 2):
+                contenders[f"QuantizedCache quanto {nb}-bit"] = peer_factory("quanto", nb, cfg, residual_length=residual)
+    enable_code_scoring(model)  # score_codes caches' decode steps score the codes; every other cache: SDPA
     rows = []
     gen = torch.Generator().manual_seed(0)
     vocab = cfg.get_text_config(decoder=True).vocab_size
@@ -124,6 +125,7 @@ def speed_runs(model, cfg, contexts, n_tokens: int, bases=None, residual: int = 
                 row["memory_vs_fp32"] = mem["bits_per_coordinate"] / 32
             rows.append(row)
         del state
+    model.set_attn_implementation("sdpa")
     return rows
 
 
