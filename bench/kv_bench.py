@@ -187,6 +187,26 @@ def compare_matched(rows, label):
     return out, targets
 
 
+def attn_speed_section(args, results, save) -> None:
+    """One layer's batch-1 decode attention at each --speed-ctx, once per --attn-threads count (kv_longctx)."""
+    from kv_longctx import attention_speed
+
+    runs = results.setdefault("attention_speed", {})
+    if isinstance(runs, list):  # the first layout: one list of rows
+        runs = results["attention_speed"] = {}
+    for th in [int(t) for t in args.attn_threads.split(",")]:
+        torch.set_num_threads(th)
+        rows = attention_speed([int(c) for c in args.speed_ctx.split(",")], reps=args.attn_reps)
+        runs[f"threads={th}"] = rows
+        save()
+        print(f"\n## One layer's decode attention (SmolLM2 shape: 9 query / 3 kv heads, d=64), {th} thread(s), medians\n")
+        print(fmt_table(["context", "contender", "ms", "speed vs fastest fp", "memory vs fastest fp", "memory vs fp32",
+                         "rel. error vs fp32"],
+                        [[r["context"], r["contender"], f"{r['ms']:.3f}", f"{r['speed_vs_fastest_fp']:.2f}x",
+                          f"{r['memory_vs_fastest_fp']:.3f}", f"{r['memory_vs_fp32']:.3f}",
+                          f"{r['output_rel_error_vs_fp32']:.4f}"] for r in rows]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default", choices=sorted(MODELS), help="bundled model to run")
@@ -203,6 +223,8 @@ def main():
     ap.add_argument("--long-ctx", type=int, default=4096, help="needle-in-a-haystack context (tokens)")
     ap.add_argument("--speed-ctx", default="1024,4096,8192")
     ap.add_argument("--speed-tokens", type=int, default=16)
+    ap.add_argument("--attn-threads", default="1", help="attn-speed: comma list of torch thread counts")
+    ap.add_argument("--attn-reps", type=int, default=15, help="attn-speed: timed calls per contender")
     ap.add_argument("--vectors", type=int, default=8000)
     ap.add_argument("--basis-windows", type=int, default=4, help="calibration windows of the key basis")
     ap.add_argument("--text", default="python-docs", help="text source (falls back to the stdlib pydoc text)")
@@ -244,14 +266,7 @@ def main():
                         [[k, f"{v['quantize_vectors_per_s']:.3g}", f"{v['dequantize_vectors_per_s']:.3g}"]
                          for k, v in qs.items()]))
     if "attn-speed" in sections and not sections & {"quality", "peers", "greedy", "niah", "speed"}:
-        from kv_longctx import attention_speed
-
-        results["attention_speed"] = rows = attention_speed([int(c) for c in args.speed_ctx.split(",")])
-        save()
-        print(fmt_table(["context", "contender", "ms", "speed vs fastest fp", "memory vs fp16", "memory vs fp32"],
-                        [[r["context"], r["contender"], f"{r['ms']:.3f}", f"{r['speed_vs_fastest_fp']:.2f}x",
-                          f"{r['memory_vs_fp16']:.3f}", f"{r['memory_vs_fp32']:.3f}"] for r in rows]))
-        return
+        return attn_speed_section(args, results, save)
     if not sections & {"quality", "peers", "greedy", "niah", "speed"}:
         return save()
 
@@ -359,14 +374,7 @@ def main():
         for row in res["niah"]:
             print(row)
     if "attn-speed" in sections:
-        from kv_longctx import attention_speed
-
-        results["attention_speed"] = rows = attention_speed([int(c) for c in args.speed_ctx.split(",")])
-        save()
-        print("\n## One layer's decode attention (SmolLM2 shape: 9 query / 3 kv heads, d=64), medians\n")
-        print(fmt_table(["context", "contender", "ms", "speed vs fastest fp", "memory vs fp16", "memory vs fp32"],
-                        [[r["context"], r["contender"], f"{r['ms']:.3f}", f"{r['speed_vs_fastest_fp']:.2f}x",
-                          f"{r['memory_vs_fp16']:.3f}", f"{r['memory_vs_fp32']:.3f}"] for r in rows]))
+        attn_speed_section(args, results, save)
     if "speed" in sections:
         from kv_longctx import speed_runs
 

@@ -77,18 +77,19 @@ def _memory(cache) -> dict:
 def speed_runs(model, cfg, contexts, n_tokens: int, bases=None, residual: int = 32, contenders=None) -> list[dict]:
     from kv_peers import available, peer_factory
 
+    from lowbit.kvcache.code_scoring import enable_code_scoring
+
     if contenders is None:
         kw = dict(key_basis=bases, norm_bits=8)
         contenders = {
             "fp32 DynamicCache": lambda: DynamicCache(config=cfg),
-            "lowbit tq 3.25 packed": lambda: QuantizedKVCache("turboquant", 3.25, cfg, **kw),
-            "lowbit tq 3.25 decode_buffer": lambda: QuantizedKVCache("turboquant", 3.25, cfg, decode_buffer=True, **kw),
             "lowbit tq 3.25 code scoring": lambda: QuantizedKVCache("turboquant", 3.25, cfg, score_codes=True,
                                                                     **{**kw, "key_basis": None}),
         }
-        for be in ("quanto", "hqq"):
-            if available(be):
-                contenders[f"QuantizedCache {be} 4-bit"] = peer_factory(be, 4, cfg, residual_length=residual)
+        if available("quanto"):
+            for nb in (4, 2):
+                contenders[f"QuantizedCache quanto {nb}-bit"] = peer_factory("quanto", nb, cfg, residual_length=residual)
+    enable_code_scoring(model)  # score_codes caches' decode steps score the codes; every other cache: SDPA
     rows = []
     gen = torch.Generator().manual_seed(0)
     vocab = cfg.get_text_config(decoder=True).vocab_size
@@ -124,23 +125,29 @@ def speed_runs(model, cfg, contexts, n_tokens: int, bases=None, residual: int = 
                 row["memory_vs_fp32"] = mem["bits_per_coordinate"] / 32
             rows.append(row)
         del state
+    model.set_attn_implementation("sdpa")
     return rows
 
 
 @torch.no_grad()
-def attention_speed(contexts, bits: float = 3.25, kv_heads: int = 3, q_heads: int = 9, d: int = 64,
-                    reps: int = 15, inv_theta: float = 100000.0) -> list[dict]:
+def attention_speed(contexts, bits=(2, 3.25, 4), torch_bits=(3.25,), quanto_bits=(2, 4), kv_heads: int = 3,
+                    q_heads: int = 9, d: int = 64, reps: int = 15, inv_theta: float = 100000.0,
+                    window: int = 0) -> list[dict]:
     """One layer's batch-1 decode attention (SmolLM2's shape) after ``n`` cached tokens, interleaved, medians:
-    fp32 / fp16 K,V + SDPA, lowbit scoring the codes, lowbit dequantize-then-SDPA, and quanto 4-bit
-    dequantize-then-SDPA (what transformers' QuantizedCache does each step).  Keys / values: random with a
-    few large channels, RoPE'd at their positions."""
+    fp32 / fp16 K,V + SDPA; lowbit scoring the codes (TurboQuant, 8-bit norms, one fp16 sink token, ``window``
+    fp tail tokens) with the C++ kernels (``bits``) and in pure torch (``torch_bits``); quanto 2/4-bit
+    dequantize-then-SDPA (what transformers' QuantizedCache does each step; its residual buffer and periodic
+    re-quantization are left out, which favours it).  Keys / values: random with a few large channels,
+    RoPE'd at their positions.  Memory: bytes held (lowbit: codes + norms + frame + sink + tail, as
+    ``QuantizedKVCache.memory_report``; quanto: codes + an fp16 scale and zero per 64 values)."""
     import torch.nn.functional as F
 
     from lowbit.kvcache.cache_layer import QuantizedKVLayer
-    from lowbit.kvcache.code_scoring import attend_codes
+    from lowbit.kvcache.code_scoring import attend_codes, code_kernels
     from lowbit.kvcache.key_frame import RopeTable, rope
     from lowbit.kvcache.methods import make_kv_quantizers
 
+    have_ext = code_kernels(None, torch.device("cpu")) is not None
     inv = 1.0 / (inv_theta ** (torch.arange(0, d, 2).float() / d))
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -149,50 +156,70 @@ def attention_speed(contexts, bits: float = 3.25, kv_heads: int = 3, q_heads: in
         k[..., :4] = k[..., :4] * 8 + 5
         k = rope(k, torch.arange(n), inv)
         v = torch.randn(1, kv_heads, n, d, generator=g)
-        layer = QuantizedKVLayer(lambda kd, vd: make_kv_quantizers("turboquant", kd, vd, bits, 0, norm_bits=8),
-                                 sink=1, inv_freq=inv, key_scale_power=0.25, score_codes=True,
-                                 rope_table=RopeTable(inv))
-        layer.update(k, v)
         q = torch.randn(1, q_heads, 1, d, generator=g)
-        k32, v32 = k.float(), v.float()
+        k32, v32 = k.float().contiguous(), v.float().contiguous()
         k16, v16 = k.half(), v.half()
         scale = d ** -0.5
+        fp32_bytes = 2 * k.numel() * 4
         contenders = {
-            "fp32 K,V + SDPA": lambda: F.scaled_dot_product_attention(q, k32, v32, scale=scale, enable_gqa=True),
-            "fp16 K,V + SDPA": lambda: F.scaled_dot_product_attention(q.half(), k16, v16, scale=scale,
-                                                                      enable_gqa=True).float(),
-            "lowbit codes (score_codes)": lambda: attend_codes(layer, q, scale),
-            "lowbit dequantize + SDPA": lambda: F.scaled_dot_product_attention(q, *layer._read(), scale=scale,
-                                                                               enable_gqa=True),
+            "fp32 K,V + SDPA": (lambda: F.scaled_dot_product_attention(q, k32, v32, scale=scale, enable_gqa=True),
+                                fp32_bytes),
+            "fp16 K,V + SDPA": (lambda: F.scaled_dot_product_attention(q.half(), k16, v16, scale=scale,
+                                                                       enable_gqa=True).float(), fp32_bytes // 2),
         }
+        layers = {}
+        for b in sorted(set(bits) | set(torch_bits)):
+            layer = QuantizedKVLayer(lambda kd, vd, b=b: make_kv_quantizers("turboquant", kd, vd, b, 0, norm_bits=8),
+                                     sink=1, window=window, inv_freq=inv, key_scale_power=0.25, score_codes=True,
+                                     rope_table=RopeTable(inv))
+            layer.update(k, v)
+            layers[b] = layer
+            mem = layer.storage()["bytes"]
+            if b in bits and have_ext:
+                contenders[f"lowbit {b:g}-bit codes, C++"] = (
+                    lambda layer=layer: attend_codes(layer, q, scale, kernels=True), mem)
+            if b in torch_bits:
+                contenders[f"lowbit {b:g}-bit codes, torch"] = (
+                    lambda layer=layer: attend_codes(layer, q, scale, kernels=False), mem)
         try:
-            from optimum.quanto import MaxOptimizer, qint4, quantize_weight
+            from optimum.quanto import MaxOptimizer, qint2, qint4, quantize_weight
 
             opt = MaxOptimizer()
+            for nb in quanto_bits:
+                qtype = {2: qint2, 4: qint4}[nb]
 
-            def qz(t):
-                s, z = opt(t, qint4, 0, 64)
-                return quantize_weight(t, qint4, 0, s, z, 64)
+                def qz(t, qtype=qtype):
+                    s_, z_ = opt(t, qtype, 0, 64)
+                    return quantize_weight(t, qtype, 0, s_, z_, 64)
 
-            qk, qv = qz(k32.contiguous()), qz(v32.contiguous())
-            contenders["quanto 4-bit dequantize + SDPA"] = lambda: F.scaled_dot_product_attention(
-                q, qk.dequantize(), qv.dequantize(), scale=scale, enable_gqa=True)
+                qk, qv = qz(k32), qz(v32)
+                contenders[f"quanto {nb}-bit dequantize + SDPA"] = (
+                    lambda qk=qk, qv=qv: F.scaled_dot_product_attention(q, qk.dequantize(), qv.dequantize(),
+                                                                        scale=scale, enable_gqa=True),
+                    fp32_bytes * (nb + 32 / 64) / 32)
         except ImportError:
             pass
+        ref = F.scaled_dot_product_attention(q, k32, v32, scale=scale, enable_gqa=True)
         times = {name: [] for name in contenders}
-        for _ in range(reps):
-            for name, fn in contenders.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-        fp = min(statistics.median(times[c]) for c in ("fp32 K,V + SDPA", "fp16 K,V + SDPA"))
-        fp32_bytes = 2 * k.numel() * 4
-        st = layer.storage()
+        err = {}
+        for name, (fn, _) in contenders.items():
+            err[name] = float((fn().float() - ref).norm() / ref.norm())  # warm-up, and how far from fp32
+        # the pure-torch code path (30x slower, large temporaries) is timed on its own afterwards: interleaved, it
+        # slowed whichever contender ran next by up to 3x (caches and freshly mapped memory)
+        slow = [name for name in contenders if name.endswith(", torch")]
+        for group in ([n for n in contenders if n not in slow], slow):
+            for _ in range(reps):
+                for name in group:
+                    t = time.perf_counter()
+                    contenders[name][0]()
+                    times[name].append(time.perf_counter() - t)
+        fp_name = min(("fp32 K,V + SDPA", "fp16 K,V + SDPA"), key=lambda c: statistics.median(times[c]))
+        fp, fp_mem = statistics.median(times[fp_name]), contenders[fp_name][1]
         for name, ts in times.items():
-            mem = {"fp32 K,V + SDPA": fp32_bytes, "fp16 K,V + SDPA": fp32_bytes // 2,
-                   "lowbit codes (score_codes)": st["bytes"], "lowbit dequantize + SDPA": st["bytes"],
-                   "quanto 4-bit dequantize + SDPA": fp32_bytes * (4 + 32 / 64) / 32}[name]
+            mem = contenders[name][1]
             rows.append({"context": n, "contender": name, "ms": 1000 * statistics.median(ts),
-                         "speed_vs_fastest_fp": fp / statistics.median(ts), "memory_bytes": mem,
-                         "memory_vs_fp16": mem / (fp32_bytes // 2), "memory_vs_fp32": mem / fp32_bytes})
+                         "speed_vs_fastest_fp": fp / statistics.median(ts), "fastest_fp": fp_name,
+                         "memory_bytes": mem, "memory_vs_fastest_fp": mem / fp_mem,
+                         "memory_vs_fp16": mem / (fp32_bytes // 2), "memory_vs_fp32": mem / fp32_bytes,
+                         "output_rel_error_vs_fp32": err[name], "threads": torch.get_num_threads()})
     return rows

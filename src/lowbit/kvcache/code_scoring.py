@@ -11,11 +11,20 @@ cos / sin table (:class:`.key_frame.RopeTable`) and two per-plane dot products; 
 per-coordinate lookup of the rotated query against the codebook values of the stored codes.  Values
 are accumulated in the rotated domain, ``Σ_t p_t ‖v_t‖ c[codes_t] / √d``, and rotated back once per step.
 Attention sinks and the full-precision tail are scored as usual.  Nothing of the cache is dequantized.
+
+The two loops over the codes (scores and value sums) run in C++ (``csrc/kv_scores.cpp``, the extension
+``lowbit._kv_scores``; AVX2: 8 codes per load + byte shuffle, the codebook as an in-register lookup table,
+one pass over a kv head's codes for all its query heads) when it is built and the CPU has AVX2; otherwise,
+or with ``kernels=False`` / ``LOWBIT_KERNELS=torch``, in pure torch (codes unpacked, codebook gathered, two
+matmuls): both compute the same sums.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import os
 
 import torch
 
@@ -25,7 +34,10 @@ from ..errors import LowbitError
 from .base import decode_norm
 from .packed import Packed
 
-__all__ = ["ATTENTION_NAME", "attend_codes", "attend_dequantized", "code_attention", "enable_code_scoring"]
+__all__ = ["ATTENTION_NAME", "attend_codes", "attend_dequantized", "code_attention", "code_kernels",
+           "enable_code_scoring", "part_scores", "part_value_sums"]
+
+log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "lowbit_codes"
 #: the same layers, attended the usual way (whole quantized part dequantized): the reference of the tests
@@ -46,9 +58,54 @@ def _code_values(q, codes: torch.Tensor) -> torch.Tensor:
     return q.codebook.decode(unpack_bits(codes, q.int_bits, q.dim).long())
 
 
+@functools.cache
+def _extension():
+    try:
+        from lowbit import _kv_scores
+    except ImportError as e:
+        log.warning("lowbit's KV scoring kernels are not built (%s): scoring against the codes uses the slower "
+                    "pure-torch path; rebuild with `pip install --no-build-isolation -e .` (see README)", e)
+        return None
+    if not _kv_scores.supported():
+        log.warning("this CPU lacks AVX2/FMA: scoring against the codes uses the pure-torch path")
+        return None
+    return _kv_scores
+
+
+def code_kernels(kernels: bool | None, device: torch.device):
+    """``lowbit._kv_scores`` (csrc/kv_scores.cpp) when it can score codes on ``device`` (CPU) and neither
+    ``kernels=False`` nor ``LOWBIT_KERNELS=torch`` asks for pure torch, else None (the pure-torch path);
+    ``kernels=True`` raises when the kernels cannot run."""
+    off = kernels is False or os.environ.get("LOWBIT_KERNELS", "").lower() == "torch"
+    ext = None if off or device.type != "cpu" else _extension()
+    if ext is None and kernels:
+        raise LowbitError("attend_codes(kernels=True): lowbit._kv_scores (csrc/kv_scores.cpp) is not built, this "
+                          "CPU lacks AVX2/FMA, the query is not on the CPU or LOWBIT_KERNELS=torch; rebuild with "
+                          "`pip install --no-build-isolation -e .` (README install step)")
+    return ext
+
+
+def part_scores(ext, part, codes: torch.Tensor, qp: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale[t] · Σ_j qp[g, j] c[codes[t, j]]`` ``[b, h, g, n]`` for one channel part's packed codes."""
+    if ext is not None:
+        return ext.kv_code_scores(codes, qp.contiguous(), scale.contiguous(), part.codebook.levels, part.int_bits)
+    return (qp @ _code_values(part, codes).transpose(-1, -2)) * scale[:, :, None, :]
+
+
+def part_value_sums(ext, part, codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Σ_t w[g, t] c[codes[t]]`` ``[b, h, g, dp]`` (rotated domain) for one channel part's packed codes."""
+    if ext is not None:
+        return ext.kv_code_values(codes, w.contiguous(), part.codebook.levels, part.int_bits, part.dim)
+    return w @ _code_values(part, codes)
+
+
 @torch.no_grad()
-def attend_codes(layer, query: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
-    """Attention output ``[b, hq, 1, d]`` of one decode query against a scoring layer's sinks, codes and tail."""
+def attend_codes(layer, query: torch.Tensor, scaling: float, softcap: float | None = None,
+                 kernels: bool | None = None) -> torch.Tensor:
+    """Attention output ``[b, hq, 1, d]`` of one decode query against a scoring layer's sinks, codes and tail.
+
+    ``kernels``: None uses the C++ kernels when built, False the pure-torch path, True requires the kernels.
+    """
     frame, kq, vq = layer._frame, layer.key_quantizer, layer.value_quantizer
     if frame is None or not frame.post_rope or layer._pk is None:
         raise LowbitError("attend_codes needs a QuantizedKVCache(score_codes=True) layer holding quantized tokens")
@@ -64,13 +121,13 @@ def attend_codes(layer, query: torch.Tensor, scaling: float, softcap: float | No
         skip = pk.shape[-2] + n_fp_tail - visible
         pk, pv, pos = pk.drop_front(skip), pv.drop_front(skip), pos[skip:]
     # keys: q·rope(μ, p) + Σ_parts (‖r‖/√dp) q'·c[codes]
+    ext = code_kernels(kernels, q.device)
     scores = _mean_scores(q, frame, pos)
     qs = q / frame.scale.float()
     for idx, part, codes, norm in _parts(kq, pk):
         qp = qs if idx is None else qs[..., idx.to(q.device)]
         qp = qp @ part.rotation.to(q.device).T  # the rotated query, once per step
-        scores = scores + (qp @ _code_values(part, codes).transpose(-1, -2)) \
-            * (decode_norm(norm).squeeze(-1)[:, :, None, :] / math.sqrt(part.dim))
+        scores = scores + part_scores(ext, part, codes, qp, decode_norm(norm).squeeze(-1) / math.sqrt(part.dim))
     segs = [scores]
     if layer._sk is not None:
         segs.insert(0, q @ layer._sk.float().transpose(-1, -2))
@@ -86,7 +143,7 @@ def attend_codes(layer, query: torch.Tensor, scaling: float, softcap: float | No
     out = torch.zeros(b, h, g * nq, d, dtype=torch.float32, device=q.device)
     for idx, part, codes, norm in _parts(vq, pv):
         w = p_codes * (decode_norm(norm).squeeze(-1)[:, :, None, :] / math.sqrt(part.dim))
-        acc = (w @ _code_values(part, codes)) @ part.rotation.to(q.device)  # rotated back once per step
+        acc = part_value_sums(ext, part, codes, w) @ part.rotation.to(q.device)  # rotated back once per step
         if idx is None:
             out = out + acc
         else:
