@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--observer", default=None, help="static schemes: the input observer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ranges", action="store_true", help="only print who sets each static input range")
+    ap.add_argument("--dynamic", default=None, help="regex: these Linears get W8A8 dynamic (per-token) inputs "
+                    "instead of the scheme, e.g. 'layers\\.(11|28)\\.mlp\\.down_proj$'")
     ap.add_argument("--kinds", default="all,self_attn.q_proj|self_attn.k_proj|self_attn.v_proj,self_attn.o_proj,"
                     "mlp.gate_proj|mlp.up_proj,mlp.down_proj")
     args = ap.parse_args()
@@ -96,7 +98,8 @@ def main() -> None:
         if kind != "all":
             names = [n for n in names if any(n.endswith(k) for k in kind.split("|"))]
         m = copy.deepcopy(base)
-        ptq.prepare(m, ptq.PTQConfig(sch, targets=tuple(names)))
+        overrides = ((args.dynamic, scheme("w8a8-dynamic")),) if args.dynamic else ()
+        ptq.prepare(m, ptq.PTQConfig(sch, targets=tuple(names), overrides=overrides))
         if not sch.input.dynamic:
             ptq.calibrate(m, list(calib.split(4)))
         models[kind] = ptq.convert(m)
@@ -104,7 +107,7 @@ def main() -> None:
     out = {k: {"dppl_pct": round((r["perplexity"] / orig["perplexity"] - 1) * 100, 3), "kl": round(r["kl"], 4)}
            for k, r in res.items()}
     print(json.dumps({"scheme": args.scheme, "observer": args.observer, "smoothquant": args.smoothquant,
-                      "windows": args.windows, **out},
+                      "dynamic": args.dynamic, "windows": args.windows, **out},
                      indent=1))
 
 
