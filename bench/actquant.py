@@ -422,11 +422,13 @@ def static_down_dynamic(model, calib, alpha):
     return ptq.convert(model)
 
 
-def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8, rows_filter: list[str] | None = None) -> dict:
+def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8, rows_filter: list[str] | None = None,
+            mapping: str = "qkv=0.8,o=0.5,gate_up=0.8,down=0.8") -> dict:
     from lowbit.calibration import calibration_batches, eval_windows, load_text
     from lowbit.eval.quality import quality_many
     from lowbit.models import load_model
     from lowbit.ptq.llm import quantize_llm
+    from lowbit.ptq.smoothquant import parse_alpha
 
     model, tok = load_model("default")
     split = load_text()
@@ -442,9 +444,12 @@ def smollm2(repeats: int, samples: int, windows: int, alpha: float = 0.8, rows_f
                                                                                 "clip_search": True}),
                 f"W8A8 static + SmoothQuant {alpha}, down_proj dynamic": ("w8a8-static", {"smoothquant": alpha,
                                                                                          "down_dynamic": True}),
+                f"W8A8 static + SmoothQuant {mapping}": ("w8a8-static", {"smoothquant": parse_alpha(mapping)}),
+                f"W8A8 dynamic + SmoothQuant {mapping}": ("w8a8-dynamic", {"smoothquant": parse_alpha(mapping)}),
                 "W4A8 (GPTQ W4 per channel)": ("w4a8", {})}
     if rows_filter:
-        variants = {k: v for k, v in variants.items() if any(f in k for f in rows_filter)}
+        variants = {k: v for k, v in variants.items()
+                    if any(k == f[1:] if f.startswith("=") else f in k for f in rows_filter)}
     models, qtime = {}, {}
     for k, (name, kw) in variants.items():
         t0 = time.time()
@@ -476,12 +481,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="SmolLM2 calibration windows")
     ap.add_argument("--windows", type=int, default=4, help="SmolLM2 evaluation windows")
     ap.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant alpha")
+    ap.add_argument("--mapping", default="qkv=0.8,o=0.5,gate_up=0.8,down=0.8",
+                    help="smollm2: SmoothQuant alphas per mapping (v -> o included) for the per-mapping rows")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; quality-only "
+                                                                "runs on a shared machine: 1)")
     ap.add_argument("--rows", default="", help="smollm2: only the variants whose name holds one of these "
-                                               "comma-separated strings (fp32 always runs)")
+                                               "comma-separated strings; '=NAME' matches the name exactly "
+                                               "(fp32 always runs)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (sections merged into it)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
     out["machine"] = {"threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg()[0],
                       "torch": torch.__version__}
@@ -495,7 +507,7 @@ def main() -> None:
             out["minilm_tflite"] = minilm_tflite(max(3, args.repeats // 5))
         elif section == "smollm2":
             out["smollm2"] = smollm2(max(3, args.repeats // 5), args.samples, args.windows, args.alpha,
-                                     [r for r in args.rows.split(",") if r])
+                                     [r for r in args.rows.split(",") if r], args.mapping)
         else:
             sys.exit(f"unknown section {section}")
         out[section]["seconds"] = time.time() - t0

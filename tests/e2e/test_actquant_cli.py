@@ -12,6 +12,7 @@ from lowbit.nn.int8_linear import Int8Linear
 @pytest.mark.parametrize("args", [["--scheme", "w8a8-dynamic"],
                                   ["--scheme", "w8a8-static", "--observer", "percentile", "--smoothquant", "0.5"],
                                   ["--scheme", "w8a8-static", "--smoothquant", "auto"],
+                                  ["--scheme", "w8a8-static", "--smoothquant", "qkv=0.8,o=0.5,gate_up=0.8,down=auto"],
                                   ["--scheme", "w4a8"]])
 def test_quantize_save_load(lowbit_cli, tiny_dir, tmp_path, args):
     import lowbit
@@ -37,6 +38,7 @@ def test_quantize_save_load(lowbit_cli, tiny_dir, tmp_path, args):
     (["--scheme", "w8a8-static", "--observer", "median"], "observer='median' is unknown"),
     (["--scheme", "w8a8-static", "--smoothquant", "1.5"], "alpha=1.5"),
     (["--scheme", "w8a8-static", "--smoothquant", "strong"], "--smoothquant 'strong'"),
+    (["--scheme", "w8a8-static", "--smoothquant", "qkv=0.8,ffn=0.5"], "unknown mapping 'ffn'"),
     (["--observer", "mse"], "go with --scheme"),
     (["--scheme", "w8a8-static", "--format", "gguf"], "--scheme writes lowbit checkpoints"),
 ])

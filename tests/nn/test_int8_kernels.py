@@ -28,6 +28,21 @@ def test_int_mm_is_exact(m, k, n):
     assert torch.equal(int8.int_matmul(q, w.t()), (q.long() @ w.long().t()).int())
 
 
+@pytest.mark.parametrize("slow", [True, False])
+def test_int_mm_paths_are_exact_at_the_extremes(monkeypatch, slow):
+    """Both the `_int_mm` path and the chunked float32 path (CPUs without VNNI) give the exact int32
+    sums, also where every product is 127**2 and K is large (sums far beyond float32's 2**24)."""
+    monkeypatch.setattr(int8, "fast_int8", lambda: not slow)
+    g = torch.Generator().manual_seed(1)
+    for m, k, n in ((17, 4096, 9), (5, 300, 33)):
+        q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        q[0], w[0] = 127, -127
+        ref = (q.long() @ w.long().t()).int()
+        assert int(ref[0, 0]) == -(127**2) * k
+        assert torch.equal(int8.int_matmul(q, w.t()), ref)
+
+
 @given(st.integers(1, 40), st.integers(1, 96), st.integers(1, 48), st.integers(0, 2**31 - 1))
 @settings(max_examples=30)
 def test_dynamic_linear_equals_its_quantized_operands(m, k, n, seed):

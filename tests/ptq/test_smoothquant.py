@@ -112,3 +112,73 @@ def test_clip_search_on_a_model_shrinks_ranges_and_only_for_static_per_tensor():
               if isinstance(a, Int8Linear)]
     assert len(scales) == 14 and all(float(b) <= float(a) for a, b in scales)
     assert torch.isfinite(clipped(ids[:1]).logits).all()
+
+
+@pytest.mark.parametrize("alpha", [{"qkv": 0.8, "o": 0.5, "gate_up": 0.8, "down": 0.6}, {"o": "auto"}])
+def test_v_to_o_with_grouped_query_attention_is_exact_in_float(alpha):
+    """v_proj -> o_proj under GQA (4 query heads, 2 kv heads): each kv channel's scale is shared by
+    the query heads reading it, so the smoothed model computes the same logits (float64)."""
+    model = _tiny_llama()
+    ids = _batches(1)[0]
+    with torch.no_grad():
+        ref = model(ids).logits
+    sm = copy.deepcopy(model)
+    scales = smooth(sm, _batches(), alpha, dynamic=False)
+    v = [n for n in scales if n.endswith("v_proj")]
+    assert len(v) == 2 and len(scales) == (8 if "qkv" in alpha else 2)
+    hd = 64 // 4
+    for n in v:
+        s = scales[n]
+        assert s.shape == (2 * hd,) and not torch.allclose(s, torch.ones_like(s))
+        blk = n.rsplit(".", 1)[0]
+        w0, w1 = model.get_submodule(f"{blk}.o_proj").weight, sm.get_submodule(f"{blk}.o_proj").weight
+        ratio = (w1 / w0)[0].reshape(4, hd)  # query heads 0, 1 read kv head 0; 2, 3 read kv head 1
+        assert torch.allclose(ratio[0], ratio[1]) and torch.allclose(ratio[2], ratio[3])
+        assert torch.allclose(ratio[0], s[:hd].double()) and torch.allclose(ratio[2], s[hd:].double())
+    with torch.no_grad():
+        out = sm(ids).logits
+    assert (out - ref).abs().max() < 1e-9 * ref.abs().max()
+
+
+def test_v_to_o_smoothing_lowers_the_static_int8_error_of_o_proj():
+    """An outlier head-dim channel in V (every query head of its kv group carries it into o_proj's
+    input): smoothing v -> o shrinks the per-tensor static int8 error of o_proj's output."""
+    from lowbit.ptq.smooth_search import fake_int8_input, fake_int8_weight
+    from lowbit.ptq.smoothquant import input_absmax
+
+    model = _tiny_llama().float()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight[[3, 20]] *= 40.0
+    names = [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
+
+    def o_error(m):
+        errs = []
+
+        def on_input(name, x):
+            x = x.reshape(-1, x.shape[-1])
+            w = m.get_submodule(name).weight.detach()
+            errs.append(float((fake_int8_input(x, False) @ fake_int8_weight(w).t() - x @ w.t()).pow(2).mean()))
+
+        from lowbit.ptq.calibrate import watch_inputs
+        watch_inputs(m, names, _batches(), on_input)
+        return sum(errs)
+
+    sm = copy.deepcopy(model)
+    smooth(sm, _batches(), {"o": 0.5}, dynamic=False)
+    assert o_error(sm) < 0.3 * o_error(model)
+    a0, a1 = input_absmax(model, names, _batches()), input_absmax(sm, names, _batches())
+    assert all(float(a1[n].amax() / a1[n].median()) < 0.5 * float(a0[n].amax() / a0[n].median()) for n in names)
+
+
+def test_alphas_per_mapping_parsed_and_checked():
+    from lowbit.ptq.smoothquant import alpha_for, parse_alpha
+
+    assert parse_alpha("qkv=0.8, o=0.5,down=auto") == {"qkv": 0.8, "o": 0.5, "down": "auto"}
+    assert parse_alpha("0.7") == 0.7 and parse_alpha("auto") == "auto" and parse_alpha(None) is None
+    assert alpha_for(0.7, "o") is None and alpha_for(0.7, "down") == 0.7 and alpha_for(0.7, "down", False) is None
+    assert alpha_for({"o": 0.5}, "qkv") is None and alpha_for({"o": 0.5}, "o") == 0.5
+    for bad, msg in (("qkv=0.8,ffn=0.5", "unknown mapping 'ffn'"), ("o=1.5", r"\[0, 1\]"), ("o=best", "'best'"),
+                     ("lots", "--smoothquant 'lots'")):
+        with pytest.raises(LowbitError, match=msg):
+            parse_alpha(bad)

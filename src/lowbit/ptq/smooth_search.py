@@ -50,9 +50,10 @@ def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor
 
 
 def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch.Tensor, dynamic: bool,
-                 alphas: Iterable[float] = ALPHAS) -> tuple[float, dict[float, float]]:
+                 alphas: Iterable[float] = ALPHAS, scales=None) -> tuple[float, dict[float, float]]:
     """(best alpha, {alpha: error}) for one smoothing pair: x [M, K] sample inputs, weights the
-    [N, K] Linears reading them, act_absmax [K] the calibration per-channel max |x|."""
+    [N, K] Linears reading them, act_absmax [K] the calibration per-channel max |x|; `scales`:
+    alpha -> s [K] (default SmoothQuant's per-channel rule, `smooth_scales`)."""
     from lowbit.ptq.smoothquant import smooth_scales
 
     alphas = list(alphas)
@@ -60,8 +61,9 @@ def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch
         raise LowbitError("SmoothQuant alpha search needs at least one alpha")
     w_absmax = torch.cat(weights).abs().amax(dim=0)
     refs = [x @ w.t() for w in weights]
-    errs = {a: smoothed_error(x, weights, smooth_scales(act_absmax, w_absmax, a), dynamic,
-                              None if dynamic else act_absmax, refs) for a in alphas}
+    if scales is None:
+        scales = lambda a: smooth_scales(act_absmax, w_absmax, a)  # noqa: E731
+    errs = {a: smoothed_error(x, weights, scales(a), dynamic, None if dynamic else act_absmax, refs) for a in alphas}
     return min(errs, key=errs.get), errs
 
 
