@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lowbit import ptq
+from lowbit.core.cpu_features import fast_int8
 from lowbit.errors import LowbitError
 from lowbit.export.onnx import export
 from lowbit.spec import W8, ActSpec, LayerScheme
@@ -38,8 +39,16 @@ def _int8_weights(path):
     return [i for i in onnx.load(str(path)).graph.initializer if i.data_type == onnx.TensorProto.INT8]
 
 
-@pytest.mark.parametrize("act", [ActSpec(granularity="tensor", dynamic=False),
-                                 ActSpec(granularity="tensor", dynamic=False, symmetric=False, observer="percentile"),
+# onnxruntime runs per-tensor QDQ convs as u8 x s8 products; without VNNI (AVX2) its kernels add them in
+# pairs into saturating 16-bit lanes (vpmaddubsw), so outputs move by up to ~20 output steps there
+# (measured on an AVX2-only EPYC; ORT's own quantize_static graphs have the same limit)
+_SATURATES = pytest.mark.xfail(not fast_int8(), strict=False,
+                               reason="onnxruntime's u8 x s8 kernels saturate on CPUs without VNNI")
+
+
+@pytest.mark.parametrize("act", [pytest.param(ActSpec(granularity="tensor", dynamic=False), marks=_SATURATES),
+                                 pytest.param(ActSpec(granularity="tensor", dynamic=False, symmetric=False,
+                                                      observer="percentile"), marks=_SATURATES),
                                  ActSpec(granularity="channel", dynamic=False)])
 def test_static_qdq_matches_lowbit(tmp_path, act):
     x = torch.randn(32, 1, 8, 8)
