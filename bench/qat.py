@@ -110,7 +110,8 @@ def ppl(model, windows) -> float:
 def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, eval_windows_n: int, text: str,
             lr: float, qparam_lr: float, batch: int, seq_len: int, calib_windows: int, inits: list[str],
             tag: str = "", target: str = "fp", keep_better: bool = True, holdout: int = 0, e2e_steps: int = 0,
-            e2e_lr: float = 2e-5, e2e_batch: int = 1, e2e_eval_every: int = 10, ptq_cache: str | None = None) -> dict:
+            e2e_lr: float = 2e-5, e2e_batch: int = 1, e2e_eval_every: int = 10, ptq_cache: str | None = None,
+            save_partial=None) -> dict:
     """Block-AP (EfficientQAT) from each PTQ start, then E2E-QP (scales / zeros end to end by
     distillation, `e2e_steps` > 0), the same CPU budget each (process CPU time, all threads: 60
     CPU-minutes = 30 minutes on 2 idle cores; evaluations are not counted)."""
@@ -145,6 +146,14 @@ def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, 
         student, ptq_cpu, ptq_wall = ptq_student(teacher, tok, opts, split.calibration, ptq_cache)
         p0 = ppl(student, windows)
         curve = [(0, p0, 0.0)]
+
+        def partial(init=init, p0=p0, curve=curve, ptq_cpu=ptq_cpu):
+            """the curve so far in the results file: a run stopped early keeps what it measured"""
+            if save_partial is not None:
+                entry = dict(out, runs={**out["runs"], init: {"partial": True, "ptq_ppl": p0, "curve": curve,
+                                                              "ptq_cpu_seconds": round(ptq_cpu, 1),
+                                                              "load_average_now": os.getloadavg()[0]}})
+                save_partial(entry)
         print(f"  {init}: PTQ ppl {p0:.3f} ({ptq_cpu:.0f} CPU s)", flush=True)
         budget = cpu_minutes * 60
         eval_cpu = [0.0]
@@ -157,7 +166,9 @@ def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, 
             if (i + 1) % eval_every == 0:
                 c_eval = time.process_time()
                 steps = sum(len(v) for v in res.losses.values())
-                curve.append((steps, ppl(student, windows), round(used(), 1)))
+                u = round(used(), 1)  # before the evaluation's own CPU time
+                curve.append((steps, ppl(student, windows), u))
+                partial()
                 print(f"    block {i}: MSE {res.start_mse[i]:.4g} -> {res.end_mse[i]:.4g}; {steps} steps "
                       f"ppl {curve[-1][1]:.3f} ({curve[-1][2]:.0f} CPU s)", flush=True)
                 eval_cpu[0] += time.process_time() - c_eval
@@ -165,8 +176,8 @@ def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, 
         res = block_ap(student, teacher, calib, cfg, progress=False, stop=lambda: used() > budget, on_block=on_block)
         steps = sum(len(v) for v in res.losses.values())
         if curve[-1][0] != steps:
-            c_eval = time.process_time()
-            curve.append((steps, ppl(student, windows), round(used(), 1)))
+            c_eval, u = time.process_time(), round(used(), 1)
+            curve.append((steps, ppl(student, windows), u))
             eval_cpu[0] += time.process_time() - c_eval
         block_ap_cpu, block_ap_ppl = used(), curve[-1][1]
         print(f"  {init}: Block-AP {block_ap_ppl:.3f} ({block_ap_cpu:.0f} CPU s)", flush=True)
@@ -179,7 +190,9 @@ def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, 
                 e2e_done = step + 1
                 if e2e_done % e2e_eval_every == 0 or e2e_done == e2e_cfg.steps:
                     c_eval = time.process_time()
-                    curve.append((block_steps_total + e2e_done, ppl(student, windows), round(used(), 1)))
+                    u = round(used(), 1)
+                    curve.append((block_steps_total + e2e_done, ppl(student, windows), u))
+                    partial()
                     print(f"    e2e-qp step {e2e_done}: ppl {curve[-1][1]:.3f} ({curve[-1][2]:.0f} CPU s)", flush=True)
                     eval_cpu[0] += time.process_time() - c_eval
                 if used() > budget:
@@ -190,8 +203,8 @@ def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, 
             except _OverBudget:
                 pass
             if curve[-1][0] != block_steps_total + e2e_done:
-                c_eval = time.process_time()
-                curve.append((block_steps_total + e2e_done, ppl(student, windows), round(used(), 1)))
+                c_eval, u = time.process_time(), round(used(), 1)
+                curve.append((block_steps_total + e2e_done, ppl(student, windows), u))
                 eval_cpu[0] += time.process_time() - c_eval
             steps = block_steps_total + e2e_done
         train_cpu, train_wall = used(), time.perf_counter() - t_train
@@ -360,6 +373,14 @@ def main() -> None:
     cpu_kernels.load()  # the kernels (after torch), or the pure-torch path when not built / not supported
 
     path = RESULTS / "qat.json"
+
+    def merge(entries: dict) -> None:  # read at write time: runs may overlap; atomic rename
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update(entries)
+        tmp = path.parent / f"{path.name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(merged, indent=2))
+        tmp.replace(path)
+
     if args.combine:
         merged = json.loads(path.read_text())
         merged[args.combine] = combine(merged, args.scheme, args.combine)
@@ -377,11 +398,10 @@ def main() -> None:
             args.scheme, args.cpu_minutes, args.block_steps, args.eval_every, args.eval_windows, args.text, args.lr,
             args.qparam_lr, args.batch, args.seq_len, args.calib_windows, args.inits.split(","), args.tag,
             args.target, not args.no_keep_better, args.holdout, args.e2e_steps, args.e2e_lr, args.e2e_batch,
-            args.e2e_eval_every, args.ptq_cache)
+            args.e2e_eval_every, args.ptq_cache,
+            save_partial=lambda entry: merge({f"smollm2_{args.scheme}{args.tag}": entry}))
     RESULTS.mkdir(exist_ok=True)
-    merged = json.loads(path.read_text()) if path.is_file() else {}  # read at the end: runs may overlap
-    merged.update(results)
-    path.write_text(json.dumps(merged, indent=2))
+    merge(results)
     print(f"wrote {path}")
 
 
