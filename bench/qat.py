@@ -109,14 +109,18 @@ def ppl(model, windows) -> float:
 
 def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, eval_windows_n: int, text: str,
             lr: float, qparam_lr: float, batch: int, seq_len: int, calib_windows: int, inits: list[str],
-            tag: str = "") -> dict:
-    """Block-AP (EfficientQAT) from each PTQ start, the same CPU budget each (process CPU time,
-    all threads: 60 CPU-minutes = 30 minutes on 2 idle cores; evaluations are not counted)."""
+            tag: str = "", target: str = "fp", keep_better: bool = True, holdout: int = 0, e2e_steps: int = 0,
+            e2e_lr: float = 2e-5, e2e_batch: int = 1, e2e_eval_every: int = 10, ptq_cache: str | None = None,
+            save_partial=None) -> dict:
+    """Block-AP (EfficientQAT) from each PTQ start, then E2E-QP (scales / zeros end to end by
+    distillation, `e2e_steps` > 0), the same CPU budget each (process CPU time, all threads: 60
+    CPU-minutes = 30 minutes on 2 idle cores; evaluations are not counted)."""
     from lowbit.calibration import calibration_batches, eval_windows
     from lowbit.calibration.text import load_text_or_pydoc
     from lowbit.models import load_model
     from lowbit.qat.block_ap import BlockAPConfig, block_ap
-    from lowbit.qat.lm import LMQATOptions, prepare_lm_student
+    from lowbit.qat.e2e_qp import E2EQPConfig, e2e_qp
+    from lowbit.qat.lm import LMQATOptions
 
     source, split = load_text_or_pydoc(text)
     teacher, tok = load_model("default")
@@ -126,20 +130,30 @@ def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, 
     windows = eval_windows(tok, split.evaluation, 512, eval_windows_n)
     calib = calibration_batches(tok, split.calibration, calib_windows, seq_len, seed=1)
     ppl_fp = ppl(teacher, windows)
-    cfg = BlockAPConfig(steps=block_steps, batch=batch, lr=lr, qparam_lr=qparam_lr)
+    cfg = BlockAPConfig(steps=block_steps, batch=batch, lr=lr, qparam_lr=qparam_lr, target=target,
+                        keep_better=keep_better, holdout=holdout)
+    e2e_cfg = E2EQPConfig(steps=e2e_steps, batch=e2e_batch, lr=e2e_lr) if e2e_steps > 0 else None
     out = {"scheme": scheme, "text": source, "eval_windows": int(windows.shape[0]), "eval_seq_len": 512,
-           "fp32_ppl": ppl_fp, "method": "block-ap", "cpu_minutes_budget": cpu_minutes,
+           "fp32_ppl": ppl_fp, "method": "block-ap" + ("+e2e-qp" if e2e_cfg else ""), "cpu_minutes_budget": cpu_minutes,
            "budget_clock": "time.process_time() of this process (all threads), evaluations excluded",
-           "block_ap": {k: v for k, v in cfg.__dict__.items()}, "calib_windows": calib_windows, "seq_len": seq_len,
+           "block_ap": {k: v for k, v in cfg.__dict__.items()},
+           "e2e_qp": None if e2e_cfg is None else dict(e2e_cfg.__dict__), "calib_windows": calib_windows,
+           "seq_len": seq_len,
            "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0], "runs": {}}
     print(f"smollm2 {scheme}: fp32 ppl {ppl_fp:.3f} on {windows.shape[0]}x512 held-out tokens ({source})", flush=True)
     for init in inits:
         opts = LMQATOptions(scheme=scheme, init=init, data=source, seq_len=seq_len)
-        c0, t0 = time.process_time(), time.perf_counter()
-        student, _ = prepare_lm_student(teacher, tok, opts, split.calibration, progress=False)
-        ptq_cpu, ptq_wall = time.process_time() - c0, time.perf_counter() - t0
+        student, ptq_cpu, ptq_wall = ptq_student(teacher, tok, opts, split.calibration, ptq_cache)
         p0 = ppl(student, windows)
         curve = [(0, p0, 0.0)]
+
+        def partial(init=init, p0=p0, curve=curve, ptq_cpu=ptq_cpu):
+            """the curve so far in the results file: a run stopped early keeps what it measured"""
+            if save_partial is not None:
+                entry = dict(out, runs={**out["runs"], init: {"partial": True, "ptq_ppl": p0, "curve": curve,
+                                                              "ptq_cpu_seconds": round(ptq_cpu, 1),
+                                                              "load_average_now": os.getloadavg()[0]}})
+                save_partial(entry)
         print(f"  {init}: PTQ ppl {p0:.3f} ({ptq_cpu:.0f} CPU s)", flush=True)
         budget = cpu_minutes * 60
         eval_cpu = [0.0]
@@ -152,21 +166,56 @@ def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, 
             if (i + 1) % eval_every == 0:
                 c_eval = time.process_time()
                 steps = sum(len(v) for v in res.losses.values())
-                curve.append((steps, ppl(student, windows), round(used(), 1)))
+                u = round(used(), 1)  # before the evaluation's own CPU time
+                curve.append((steps, ppl(student, windows), u))
+                partial()
                 print(f"    block {i}: MSE {res.start_mse[i]:.4g} -> {res.end_mse[i]:.4g}; {steps} steps "
                       f"ppl {curve[-1][1]:.3f} ({curve[-1][2]:.0f} CPU s)", flush=True)
                 eval_cpu[0] += time.process_time() - c_eval
 
         res = block_ap(student, teacher, calib, cfg, progress=False, stop=lambda: used() > budget, on_block=on_block)
-        train_cpu, train_wall = used(), time.perf_counter() - t_train
         steps = sum(len(v) for v in res.losses.values())
         if curve[-1][0] != steps:
-            curve.append((steps, ppl(student, windows), round(train_cpu, 1)))
+            c_eval, u = time.process_time(), round(used(), 1)
+            curve.append((steps, ppl(student, windows), u))
+            eval_cpu[0] += time.process_time() - c_eval
+        block_ap_cpu, block_ap_ppl = used(), curve[-1][1]
+        print(f"  {init}: Block-AP {block_ap_ppl:.3f} ({block_ap_cpu:.0f} CPU s)", flush=True)
+        e2e_done = 0
+        if e2e_cfg is not None and used() < budget:
+            block_steps_total = steps
+
+            def on_e2e(step, _loss, student=student, curve=curve):
+                nonlocal e2e_done
+                e2e_done = step + 1
+                if e2e_done % e2e_eval_every == 0 or e2e_done == e2e_cfg.steps:
+                    c_eval = time.process_time()
+                    u = round(used(), 1)
+                    curve.append((block_steps_total + e2e_done, ppl(student, windows), u))
+                    partial()
+                    print(f"    e2e-qp step {e2e_done}: ppl {curve[-1][1]:.3f} ({curve[-1][2]:.0f} CPU s)", flush=True)
+                    eval_cpu[0] += time.process_time() - c_eval
+                if used() > budget:
+                    raise _OverBudget
+
+            try:
+                e2e_qp(student, teacher, calib, e2e_cfg, progress=False, on_step=on_e2e)
+            except _OverBudget:
+                pass
+            if curve[-1][0] != block_steps_total + e2e_done:
+                c_eval, u = time.process_time(), round(used(), 1)
+                curve.append((block_steps_total + e2e_done, ppl(student, windows), u))
+                eval_cpu[0] += time.process_time() - c_eval
+            steps = block_steps_total + e2e_done
+        train_cpu, train_wall = used(), time.perf_counter() - t_train
         p_final = curve[-1][1]
-        run = {"ptq_ppl": p0, "qat_ppl": p_final, "ptq_cpu_seconds": round(ptq_cpu, 1),
+        run = {"ptq_ppl": p0, "qat_ppl": p_final, "block_ap_ppl": block_ap_ppl, "ptq_cpu_seconds": round(ptq_cpu, 1),
                "ptq_wall_seconds": round(ptq_wall, 1), "curve": curve, "steps": steps, "blocks_trained": res.blocks,
-               "stopped_at_block": res.stopped_at, "train_cpu_seconds_excl_eval": round(train_cpu, 1),
-               "train_wall_seconds_incl_eval": round(train_wall, 1),
+               "block_ap_steps": sum(len(v) for v in res.losses.values()), "e2e_qp_steps": e2e_done,
+               "block_ap_cpu_seconds": round(block_ap_cpu, 1),
+               "stopped_at_block": res.stopped_at, "kept_start_blocks": res.kept_start,
+               "train_cpu_seconds_excl_eval": round(train_cpu, 1),
+               "train_wall_seconds_incl_eval": round(train_wall, 1), "load_average_at_end": os.getloadavg()[0],
                "block_mse": {i: [res.start_mse[i], res.end_mse[i]] for i in res.end_mse}}
         out["runs"][init] = run
         print(f"  {init}: PTQ {p0:.3f} -> Block-AP {p_final:.3f} ({res.blocks} blocks, {train_cpu:.0f} CPU s, "
@@ -182,6 +231,34 @@ def smollm2(scheme: str, cpu_minutes: float, block_steps: int, eval_every: int, 
             out["hybrid_beats_rtn_qat"] = g["qat_ppl"] < out["runs"]["rtn"]["qat_ppl"]
     plot(out, RESULTS / f"qat_{scheme}{tag}.png")
     return out
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def ptq_student(teacher, tok, opts, calib_text: str, cache: str | None):
+    """(student prepared for QAT from its PTQ records, PTQ CPU s, PTQ wall s). With `cache` (a
+    folder) the records are saved once per (scheme, init, text, calibration size) and reused, so a
+    rerun with other training settings skips GPTQ (its CPU / wall seconds are the first run's)."""
+    from lowbit.qat import QATConfig, prepare_qat, qat_scheme
+    from lowbit.qat.lm import prepare_lm_student
+
+    file = None if cache is None else Path(cache) / f"{opts.scheme}-{opts.init}-{opts.data}-{opts.calib_samples}x{opts.seq_len}.pt"
+    if file is not None and file.is_file():
+        saved = torch.load(file, weights_only=False)
+        student = copy.deepcopy(teacher)
+        prepare_qat(student, QATConfig(qat_scheme(opts.scheme), targets=tuple(saved["records"]),
+                                       learn_zero=opts.learn_zero), init=saved["records"])
+        return student, saved["cpu"], saved["wall"]
+    c0, t0 = time.process_time(), time.perf_counter()
+    student, records = prepare_lm_student(teacher, tok, opts, calib_text, progress=False)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"records": records, "cpu": cpu, "wall": wall}, file.with_suffix(".tmp"))
+        file.with_suffix(".tmp").rename(file)
+    return student, cpu, wall
 
 
 def export_check(student, tok, windows) -> dict:
@@ -219,17 +296,22 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for init, label in (("gptq", "hybrid GPTQ -> Block-AP"), ("rtn", "RTN -> Block-AP")):
+    method = "Block-AP + E2E-QP" if out.get("e2e_qp") else "Block-AP"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for init, label in (("gptq", f"hybrid GPTQ -> {method}"), ("rtn", f"RTN -> {method}")):
         if init not in out["runs"]:
             continue
         c = out["runs"][init]["curve"]
-        ax.plot([s for s, _, _ in c], [p for _, p, _ in c], marker="o", label=label)
-    ax.axhline(out["fp32_ppl"], color="gray", linestyle="--", label=f"fp32 ({out['fp32_ppl']:.2f})")
-    ax.set_xlabel("training steps (block-wise, cumulative)")
-    ax.set_ylabel("perplexity (held-out)")
-    ax.set_title(f"SmolLM2-135M {out['scheme']}: Block-AP, {out['cpu_minutes_budget']:g} CPU-min/run")
-    ax.legend()
+        axes[0].plot([s for s, _, _ in c], [p for _, p, _ in c], marker="o", label=label)
+        axes[1].plot([t / 60 for _, _, t in c], [p for _, p, _ in c], marker="o", label=label)
+    for ax in axes:
+        ax.axhline(out["fp32_ppl"], color="gray", linestyle="--", label=f"fp32 ({out['fp32_ppl']:.2f})")
+        ax.set_yscale("log")
+    axes[0].set_xlabel("training steps (block-wise, then end-to-end; cumulative)")
+    axes[1].set_xlabel("training CPU minutes (process time, evaluations excluded)")
+    axes[0].set_ylabel("perplexity (held-out)")
+    axes[0].legend()
+    fig.suptitle(f"SmolLM2-135M {out['scheme']}: {method}, {out['cpu_minutes_budget']:g} CPU-min/run")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -272,12 +354,33 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tag", default="", help="suffix of the result key and the plot (several settings side by side)")
     ap.add_argument("--combine", default=None, help="only merge smollm2_<scheme>_gptq / _rtn into this key + plot")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1: one process per core)")
+    ap.add_argument("--target", default="fp", choices=("fp", "quantized"),
+                    help="Block-AP target: the fp model's stream, or the fp block on the quantized stream's inputs")
+    ap.add_argument("--no-keep-better", action="store_true", help="keep a block's training even when it made it worse")
+    ap.add_argument("--holdout", type=int, default=0, help="calibration chunks that judge keep-better, never trained on")
+    ap.add_argument("--e2e-steps", type=int, default=0, help="E2E-QP steps after Block-AP (0: off)")
+    ap.add_argument("--e2e-lr", type=float, default=2e-5)
+    ap.add_argument("--e2e-batch", type=int, default=1)
+    ap.add_argument("--e2e-eval-every", type=int, default=10)
+    ap.add_argument("--ptq-cache", default=None, help="folder: save / reuse the PTQ records (reruns skip GPTQ)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from lowbit.nn import cpu_kernels  # noqa: E402
-    cpu_kernels.load()  # the compiled kernels (when this CPU runs them) load before the work starts
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from lowbit.nn import cpu_kernels
+
+    cpu_kernels.load()  # the kernels (after torch), or the pure-torch path when not built / not supported
 
     path = RESULTS / "qat.json"
+
+    def merge(entries: dict) -> None:  # read at write time: runs may overlap; atomic rename
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update(entries)
+        tmp = path.parent / f"{path.name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(merged, indent=2))
+        tmp.replace(path)
+
     if args.combine:
         merged = json.loads(path.read_text())
         merged[args.combine] = combine(merged, args.scheme, args.combine)
@@ -293,11 +396,12 @@ def main() -> None:
     if "smollm2" in only:
         results[f"smollm2_{args.scheme}{args.tag}"] = smollm2(
             args.scheme, args.cpu_minutes, args.block_steps, args.eval_every, args.eval_windows, args.text, args.lr,
-            args.qparam_lr, args.batch, args.seq_len, args.calib_windows, args.inits.split(","), args.tag)
+            args.qparam_lr, args.batch, args.seq_len, args.calib_windows, args.inits.split(","), args.tag,
+            args.target, not args.no_keep_better, args.holdout, args.e2e_steps, args.e2e_lr, args.e2e_batch,
+            args.e2e_eval_every, args.ptq_cache,
+            save_partial=lambda entry: merge({f"smollm2_{args.scheme}{args.tag}": entry}))
     RESULTS.mkdir(exist_ok=True)
-    merged = json.loads(path.read_text()) if path.is_file() else {}  # read at the end: runs may overlap
-    merged.update(results)
-    path.write_text(json.dumps(merged, indent=2))
+    merge(results)
     print(f"wrote {path}")
 
 

@@ -157,3 +157,63 @@ def test_held_code_gradients_are_exact_on_the_grid(seed, bits):
     want_z = (-s.unsqueeze(-1) * up.reshape(4, 2, 16)).sum(-1)
     torch.testing.assert_close(grads[True][0], want_s, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[True][1], want_z, rtol=1e-5, atol=1e-5)
+
+
+def logit_mse(a, b, ids) -> float:
+    with torch.no_grad():
+        return float((a(input_ids=ids).logits - b(input_ids=ids).logits).pow(2).mean())
+
+
+def test_fp_target_and_keep_better(tiny_llama):
+    """Target "fp" (the fp model's stream, EfficientQAT's) brings the logits closer to the
+    teacher's; a learning rate that wrecks the blocks is undone block by block (keep_better),
+    leaving the PTQ start bit for bit."""
+    teacher, ids = tiny_llama
+    student = rtn_student(teacher)
+    before = logit_mse(student, teacher, ids)
+    res = block_ap(student, teacher, ids, BlockAPConfig(steps=12, batch=2, lr=1e-3, qparam_lr=1e-3, seed=3,
+                                                        target="fp"), progress=False)
+    assert res.kept_start == [] and res.blocks == 2
+    assert logit_mse(student, teacher, ids) < 0.7 * before
+    wrecked = rtn_student(teacher)
+    start = params(wrecked)
+    res = block_ap(wrecked, teacher, ids, BlockAPConfig(steps=6, batch=2, lr=0.5, qparam_lr=0.5, holdout=1),
+                   progress=False)
+    assert res.kept_start == [0, 1]
+    assert all(torch.equal(start[n], p) for n, p in params(wrecked).items())
+    assert all(res.end_mse[i] == res.start_mse[i] for i in (0, 1))
+    with pytest.raises(LowbitError, match="holdout=4"):
+        block_ap(rtn_student(teacher), teacher, ids, BlockAPConfig(batch=2, holdout=4), progress=False)
+    with pytest.raises(LowbitError, match="target"):
+        BlockAPConfig(target="teacher")
+
+
+def kd(student, teacher, ids) -> float:
+    from lowbit.qat.losses import distillation_kl
+
+    with torch.no_grad():
+        return float(distillation_kl(student(input_ids=ids).logits, teacher(input_ids=ids).logits))
+
+
+def test_e2e_qp_trains_only_the_grid(tiny_llama):
+    """E2E-QP from an RTN start: the distillation loss on the windows falls, the latent weights
+    are untouched, only the scales / zeros moved, and the result converts."""
+    from lowbit.qat.e2e_qp import E2EQPConfig, e2e_qp
+
+    teacher, ids = tiny_llama
+    student = rtn_student(teacher)
+    before, kd0 = params(student), kd(student, teacher, ids)
+    res = e2e_qp(student, teacher, ids, E2EQPConfig(steps=16, batch=2, lr=1e-3, seed=1), progress=False)
+    after = params(student)
+    assert len(res.losses) == 16
+    assert kd(student, teacher, ids) < 0.8 * kd0, (kd0, res.losses)
+    moved = [n for n in after if not torch.equal(before[n], after[n])]
+    assert moved and all(n.endswith(("weight_scale", "weight_zero")) for n in moved)
+    with torch.no_grad():
+        fake = student(input_ids=ids[:2]).logits
+    convert_qat(student)
+    with torch.no_grad():
+        real = student(input_ids=ids[:2]).logits
+    assert float((real - fake).abs().max()) < 0.05 * float(fake.abs().max())
+    with pytest.raises(LowbitError, match="loss"):
+        E2EQPConfig(loss="mse")

@@ -4,9 +4,13 @@ cached calibration inputs, starting from the PTQ record (GPTQ / RTN / AWQ).
 
 The block walk is the PTQ pipeline's (`lowbit.calibration.capture`): block 0's inputs are
 captured once; block i trains on the outputs of the already-trained quantized blocks before it,
-its target is the full-precision block i on those same inputs, and its trained outputs feed block
-i + 1. Each block trains with `qat.trainer.train` (Adam, cosine learning rate, per-step reseeding,
-stop on a non-finite loss), so a run is deterministic for a seed. With `state_dir` every finished
+and its trained outputs feed block i + 1. Its target (`target`) is the full-precision model's own
+stream ("fp", EfficientQAT's: the fp block i on the fp block i - 1's outputs, so a block also
+corrects the error its inputs carry) or the fp block i on the quantized stream's inputs
+("quantized", GPTQ's view). A block whose training left its MSE (on the `holdout` chunks it never
+trained on, else on all chunks) no lower than its start keeps its start (`keep_better`). Each
+block trains with `qat.trainer.train` (Adam, cosine learning rate, per-step reseeding, stop on a
+non-finite loss), so a run is deterministic for a seed. With `state_dir` every finished
 block is committed (its trained parameters, the next block's inputs) and a rerun resumes after it.
 
 Why blocks: one optimizer step costs one block's forward and backward on a few windows instead of
@@ -45,7 +49,9 @@ class BlockAPConfig:
     chunks); lr: the weights' peak learning rate (cosine to 0 within each block); qparam_lr: the
     scales' / zeros'; train_weights: False trains the quantization parameters only; scale_grad:
     "held" (the scales' / zeros' gradient with the codes held, right at a PTQ start whose weights
-    sit on the grid) or "lsq" (LSQ's, for weights off the grid)."""
+    sit on the grid) or "lsq" (LSQ's, for weights off the grid). target: "fp" (the fp model's
+    own stream) or "quantized" (the fp block on the quantized stream's inputs); holdout: chunks
+    (of `batch` windows) never trained on, that judge `keep_better` (0: all chunks judge)."""
 
     steps: int = 100
     batch: int = 4
@@ -55,14 +61,21 @@ class BlockAPConfig:
     train_weights: bool = True
     grad_clip: float | None = None
     scale_grad: str = "held"
+    target: str = "fp"
+    keep_better: bool = True
+    holdout: int = 0
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise LowbitError(f"Block-AP {key}={v!r} must be a positive integer")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0:
+            raise LowbitError(f"Block-AP holdout={self.holdout!r} must be a non-negative integer")
         if self.scale_grad not in ("held", "lsq"):
             raise LowbitError(f"Block-AP scale_grad={self.scale_grad!r}; choose 'held' or 'lsq'")
+        if self.target not in ("fp", "quantized"):
+            raise LowbitError(f"Block-AP target={self.target!r}; choose 'fp' or 'quantized'")
         for key in ("lr", "qparam_lr"):
             v = getattr(self, key)
             if not (v > 0 and math.isfinite(v)):
@@ -78,7 +91,8 @@ class BlockAPResult:
     blocks: int  # blocks trained (with the resumed ones)
     losses: dict[int, list[float]] = field(default_factory=dict)  # block -> its per-step MSE
     start_mse: dict[int, float] = field(default_factory=dict)  # block -> MSE of its PTQ start on all chunks
-    end_mse: dict[int, float] = field(default_factory=dict)  # block -> MSE after training
+    end_mse: dict[int, float] = field(default_factory=dict)  # block -> MSE after training (or kept start)
+    kept_start: list[int] = field(default_factory=list)  # blocks whose training was undone (keep_better)
     resumed_from: int = 0
     stopped_at: int | None = None  # the first block left at its PTQ start by `stop`
 
@@ -87,13 +101,10 @@ class _Stop(Exception):
     pass
 
 
-def _mse(block, inputs: BlockInputs, targets: list[torch.Tensor]) -> float:
-    return _mse_of(run_block(block, inputs), targets)
-
-
-def _mse_of(outs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    return sum(float(F.mse_loss(o.float(), t.float(), reduction="sum")) for o, t in zip(outs, targets)) / \
-        sum(t.numel() for t in targets)
+def _mse_of(outs: list[torch.Tensor], targets: list[torch.Tensor], chunks: list[int] | None = None) -> float:
+    chunks = range(len(targets)) if chunks is None else chunks
+    return sum(float(F.mse_loss(outs[c].float(), targets[c].float(), reduction="sum")) for c in chunks) / \
+        sum(targets[c].numel() for c in chunks)
 
 
 def _fingerprint(config: BlockAPConfig, calib_ids: torch.Tensor, names: list[str]) -> str:
@@ -106,12 +117,14 @@ def _block_file(path: Path, block: int) -> Path:
     return path / f"block-ap-{block:04d}.pt"
 
 
-def _save(path: Path, block: int, fp: str, params: dict, hidden: list[torch.Tensor], result: BlockAPResult) -> None:
+def _save(path: Path, block: int, fp: str, params: dict, hidden: list[torch.Tensor], fp_hidden: list | None,
+          result: BlockAPResult) -> None:
     """The block's trained tensors, then the state (the next block's inputs): the commit point."""
     with atomic_file(_block_file(path, block)) as f:
         torch.save({"fingerprint": fp, "params": params}, f)
-    state = {"block": block, "fingerprint": fp, "hidden": hidden,
-             "losses": result.losses, "start_mse": result.start_mse, "end_mse": result.end_mse}
+    state = {"block": block, "fingerprint": fp, "hidden": hidden, "fp_hidden": fp_hidden,
+             "losses": result.losses, "start_mse": result.start_mse, "end_mse": result.end_mse,
+             "kept_start": result.kept_start}
     with atomic_file(path / STATE) as f:
         torch.save(state, f)
 
@@ -153,15 +166,19 @@ def block_ap(student, teacher, calib_ids: torch.Tensor, config: BlockAPConfig, *
     s_blocks, t_blocks = blocks_of(student, arch), blocks_of(teacher, arch)
     if len(s_blocks) != len(t_blocks):
         raise LowbitError(f"Block-AP: the student has {len(s_blocks)} blocks, the teacher {len(t_blocks)}")
-    if calib_ids.dim() != 2 or calib_ids.shape[0] < config.batch:
-        raise LowbitError(f"Block-AP needs at least batch={config.batch} calibration windows; got "
-                          f"{tuple(calib_ids.shape)}")
+    need = config.batch * (config.holdout + 1)
+    if calib_ids.dim() != 2 or calib_ids.shape[0] < need:
+        raise LowbitError(f"Block-AP needs at least batch={config.batch} x (holdout={config.holdout} + 1) = {need} "
+                          f"calibration windows; got {tuple(calib_ids.shape)}")
     for layer in qat_layers(student).values():
         layer.held_codes = config.scale_grad == "held"
     fp = _fingerprint(config, calib_ids, sorted(_layer_names(student)))
     path = None if state_dir is None else Path(state_dir)
     inputs, kwargs = capture_first_block_inputs(teacher, arch, calib_ids, chunk=config.batch, dtype=torch.float32)
     hidden = inputs.hidden
+    fp_hidden = hidden if config.target == "fp" else None  # the fp model's stream
+    n_train = len(hidden) - config.holdout
+    judge = list(range(n_train, len(hidden))) or None  # the chunks keep_better judges on
     result = BlockAPResult(blocks=0)
     start = 0
     if path is not None:
@@ -174,9 +191,10 @@ def block_ap(student, teacher, calib_ids: torch.Tensor, config: BlockAPConfig, *
                     block_state = _load_file(_block_file(path, b), fp)
                     for n, t in block_state["params"].items():
                         named[n].copy_(t)
-            hidden = state["hidden"]
+            hidden, fp_hidden = state["hidden"], state["fp_hidden"]
             start = state["block"] + 1
             result.losses, result.start_mse, result.end_mse = state["losses"], state["start_mse"], state["end_mse"]
+            result.kept_start = state["kept_start"]
             result.resumed_from = start
             log.info("Block-AP: resuming after block %d (%s)", start - 1, path / STATE)
     result.blocks = start
@@ -186,11 +204,14 @@ def block_ap(student, teacher, calib_ids: torch.Tensor, config: BlockAPConfig, *
     for i in bar:
         sb, tb = s_blocks[i], t_blocks[i]
         here = BlockInputs(hidden, kwargs[i])
-        targets = run_block(tb, here)  # the full-precision block on the quantized stream's inputs
-        result.start_mse[i] = _mse(sb, here, targets)
+        # the fp model's own stream, or the fp block on the quantized stream's inputs
+        targets = run_block(tb, here if fp_hidden is None else BlockInputs(fp_hidden, kwargs[i]))
+        start_outs = run_block(sb, here)
+        result.start_mse[i] = _mse_of(start_outs, targets)
+        start_judged = _mse_of(start_outs, targets, judge)
         weights, qparams = qat_parameters(sb, train_weights=config.train_weights, train_bias=config.train_weights)
         kw = cast_kwargs(kwargs[i], torch.float32)
-        order = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(config.seed * 7_919 + i))
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 7_919 + i))
 
         def batch_fn(step: int) -> int:
             return int(order[step % len(order)])
@@ -223,14 +244,22 @@ def block_ap(student, teacher, calib_ids: torch.Tensor, config: BlockAPConfig, *
             for p in sb.parameters():
                 p.requires_grad_(False)
         result.losses[i] = res.losses
-        hidden = run_block(sb, here)  # the next block's inputs
+        outs = run_block(sb, here)
+        if config.keep_better and _mse_of(outs, targets, judge) >= start_judged:
+            with torch.no_grad():  # training made this block worse: it keeps its PTQ start
+                for n, p in sb.named_parameters():
+                    p.copy_(snapshot[n])
+            outs = start_outs
+            result.kept_start.append(i)
+        hidden = outs  # the next block's inputs
+        fp_hidden = None if fp_hidden is None else targets
         result.end_mse[i] = _mse_of(hidden, targets)
         result.blocks = i + 1
         bar.set_postfix(mse=f"{result.start_mse[i]:.3g}->{result.end_mse[i]:.3g}")
-        log.info("Block-AP block %d: MSE %.4g -> %.4g (%d steps)", i, result.start_mse[i], result.end_mse[i],
-                 len(res.losses))
+        log.info("Block-AP block %d: MSE %.4g -> %.4g (%d steps%s)", i, result.start_mse[i], result.end_mse[i],
+                 len(res.losses), ", start kept" if i in result.kept_start else "")
         if path is not None:
-            _save(path, i, fp, _trained(student, i, arch), hidden, result)
+            _save(path, i, fp, _trained(student, i, arch), hidden, fp_hidden, result)
         if on_block is not None:
             on_block(i, result)
     bar.close()
