@@ -45,10 +45,7 @@ def _extension():
         log.warning("lowbit's CPU kernels are not built (%s): quantized layers use the slower pure-torch path; "
                     "reinstall with `pip install --no-build-isolation -e .` (see README)", e)
         return None
-    if not _cpu.cpu_supported():
-        log.warning("this CPU lacks AVX-512 BW/VBMI/BF16: quantized layers use the slower pure-torch path")
-        return None
-    return _cpu
+    return _cpu  # its own cpu_supported() checks a subset of ISA_FLAGS, already checked above
 
 
 def load():
