@@ -32,14 +32,15 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
 
 
 @functools.cache
-def _flags() -> set[str] | None:
+def this_cpu_flags() -> set[str] | None:
+    """This machine's flags, read once per process."""
     return cpu_flags()
 
 
 def fast_bf16(flags: set[str] | None = None) -> bool:
     """Whether bfloat16 matmuls run on native units here (AVX-512 BF16 or AMX). Unknown flags (not
     Linux): trust torch's own reading of the CPU (AVX-512 capable)."""
-    flags = _flags() if flags is None else flags
+    flags = this_cpu_flags() if flags is None else flags
     if flags is None:
         return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return any(f in flags for f in BF16_FLAGS)
@@ -47,7 +48,7 @@ def fast_bf16(flags: set[str] | None = None) -> bool:
 
 def fast_int8(flags: set[str] | None = None) -> bool:
     """Whether int8 x int8 -> int32 matmuls (`torch._int_mm`) have native dot-product units (VNNI, AMX)."""
-    flags = _flags() if flags is None else flags
+    flags = this_cpu_flags() if flags is None else flags
     if flags is None:
         return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return any(f in flags for f in INT8_FLAGS)

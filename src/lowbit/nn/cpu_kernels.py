@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 
-from lowbit.core.cpu_features import cpu_flags
+from lowbit.core.cpu_features import this_cpu_flags
 from lowbit.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def missing_isa(flags: set[str] | None) -> list[str]:
 
 @functools.cache
 def _extension():
-    flags = cpu_flags()
+    flags = this_cpu_flags()
     missing = missing_isa(flags)
     if missing:  # importing the module would execute instructions this CPU does not have (SIGILL)
         what = "cannot tell this CPU's instruction sets" if flags is None else "this CPU lacks " + ", ".join(missing)
